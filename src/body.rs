@@ -1,0 +1,132 @@
+//! The one body type of the data plane, for requests sent upstream and responses sent
+//! to clients.
+//!
+//! An enum rather than a boxed trait object so that the request path does not
+//! allocate for it. `Streaming` carries what must live exactly as long as the body:
+//! the back end's capacity [`Lease`] (released when the body is done or dropped, on
+//! every exit path) and the upstream connection, which goes back to the keep-alive
+//! pool only when the body was read to its end (a connection whose response was cut
+//! short is never reused).
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http_body::{Frame, SizeHint};
+use hyper::body::Incoming;
+
+use crate::pool::Lease;
+use crate::upstream::Checkin;
+
+/// A request or response body.
+#[derive(Debug, Default)]
+pub enum Body {
+    /// No body.
+    #[default]
+    Empty,
+    /// A body known in full (local answers). `None` once sent.
+    Full(Option<Bytes>),
+    /// A body streamed from a peer.
+    Streaming {
+        inner: Incoming,
+        /// Returned to the upstream pool on end of stream.
+        checkin: Option<Checkin>,
+        /// Released when this body is dropped.
+        lease: Option<Lease>,
+    },
+}
+
+impl Body {
+    /// A complete body.
+    pub fn full(data: impl Into<Bytes>) -> Self {
+        Body::Full(Some(data.into()))
+    }
+
+    /// A body streamed from a peer, with nothing attached.
+    pub fn incoming(inner: Incoming) -> Self {
+        Body::Streaming {
+            inner,
+            checkin: None,
+            lease: None,
+        }
+    }
+
+    /// An upstream response body that holds the back end's lease and returns the
+    /// connection to its pool when read to the end.
+    pub fn upstream(inner: Incoming, checkin: Checkin, lease: Lease) -> Self {
+        let mut body = Body::Streaming {
+            inner,
+            checkin: Some(checkin),
+            lease: Some(lease),
+        };
+        body.finish_if_ended();
+        body
+    }
+
+    /// If the stream already ended (no body at all: 204, 304, HEAD), give the
+    /// connection back now.
+    fn finish_if_ended(&mut self) {
+        if let Body::Streaming { inner, checkin, .. } = self {
+            if http_body::Body::is_end_stream(inner) {
+                if let Some(c) = checkin.take() {
+                    c.reuse();
+                }
+            }
+        }
+    }
+}
+
+impl http_body::Body for Body {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            Body::Empty => Poll::Ready(None),
+            Body::Full(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+            Body::Streaming {
+                inner,
+                checkin,
+                lease,
+            } => {
+                let polled = Pin::new(&mut *inner).poll_frame(cx);
+                match &polled {
+                    Poll::Ready(None) => {
+                        if let Some(c) = checkin.take() {
+                            c.reuse();
+                        }
+                        // The back end finished its answer: free its slot now rather
+                        // than when the client connection gets around to dropping us.
+                        lease.take();
+                    }
+                    Poll::Ready(Some(Err(_))) => {
+                        checkin.take();
+                        lease.take();
+                    }
+                    _ => {}
+                }
+                polled
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Body::Empty => true,
+            Body::Full(data) => data.is_none(),
+            Body::Streaming { inner, .. } => inner.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Body::Empty => SizeHint::with_exact(0),
+            Body::Full(Some(d)) => SizeHint::with_exact(d.len() as u64),
+            Body::Full(None) => SizeHint::with_exact(0),
+            Body::Streaming { inner, .. } => inner.size_hint(),
+        }
+    }
+}

@@ -1,0 +1,233 @@
+//! Configuration: TOML text → serde model ([`model`]) → validated [`Snapshot`].
+//!
+//! Parse, don't validate: a [`Snapshot`] is only ever built by [`validate`], which
+//! checks every value, applies every default and turns strings into typed values
+//! (socket addresses, durations, CIDRs, pool indices). Code holding a `Snapshot`
+//! never re-checks anything. Invariants:
+//! - every problem in a config is reported, each with the key path it is at
+//!   ([`ConfigError`]); `validate` never stops at the first one;
+//! - unknown keys are errors (a typo is never silently ignored); TOML syntax and
+//!   type errors stop parsing, so they are reported one at a time;
+//! - back-end host names are resolved once, during validation (blocking DNS: call
+//!   it off the async runtime, e.g. in `spawn_blocking`, when reloading).
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+mod fields;
+pub mod model;
+pub mod snapshot;
+mod validate;
+
+pub use snapshot::*;
+pub use validate::validate;
+
+use model::RootConfig;
+
+/// One problem in a config, at one key path.
+///
+/// Displays as `PATH: problem (hint)`, or `PATH: problem` without a hint, e.g.
+/// `pools.blog.backends[1].address: 10.0.0.7:80 is IPv4; back ends are IPv6-only
+/// (set allow_ipv4_backends = true to permit)`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// Where: a key path such as `pools.blog.backends[0].weight`, or `(file)` /
+    /// `(syntax)` for problems that are not at a key.
+    pub path: String,
+    /// What is wrong.
+    pub problem: String,
+    /// How to fix it, when there is something useful to say.
+    pub hint: Option<String>,
+}
+
+impl ConfigError {
+    pub fn new(path: impl Into<String>, problem: impl Into<String>) -> Self {
+        Self {
+            path: path.into(),
+            problem: problem.into(),
+            hint: None,
+        }
+    }
+
+    pub fn with_hint(mut self, hint: impl Into<String>) -> Self {
+        self.hint = Some(hint.into());
+        self
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.path, self.problem)?;
+        if let Some(hint) = &self.hint {
+            write!(f, " ({hint})")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// Every problem found in a config (never empty when returned as an error).
+/// Displays one error a line, without a trailing newline.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl ConfigErrors {
+    pub fn iter(&self) -> std::slice::Iter<'_, ConfigError> {
+        self.0.iter()
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, error) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("\n")?;
+            }
+            write!(f, "{error}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+impl From<ConfigError> for ConfigErrors {
+    fn from(error: ConfigError) -> Self {
+        Self(vec![error])
+    }
+}
+
+impl IntoIterator for ConfigErrors {
+    type Item = ConfigError;
+    type IntoIter = std::vec::IntoIter<ConfigError>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.into_iter()
+    }
+}
+
+impl<'a> IntoIterator for &'a ConfigErrors {
+    type Item = &'a ConfigError;
+    type IntoIter = std::slice::Iter<'a, ConfigError>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.iter()
+    }
+}
+
+/// Reads, parses and validates the config file at `path`; relative paths in it
+/// (the maintenance page) are resolved against the file's directory.
+pub fn load_file(path: &Path) -> Result<Snapshot, ConfigErrors> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| ConfigError::new("(file)", format!("cannot read {}: {e}", path.display())))?;
+    let base_dir = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    };
+    load_str(&text, base_dir, Some(path.to_path_buf()))
+}
+
+/// Parses and validates config `text`; `base_dir` resolves relative paths and
+/// `source` is recorded in the snapshot (`None` for built-in configs).
+pub fn load_str(
+    text: &str,
+    base_dir: &Path,
+    source: Option<PathBuf>,
+) -> Result<Snapshot, ConfigErrors> {
+    let raw = parse(text)?;
+    validate(raw, base_dir, source)
+}
+
+/// Parses config `text` into the serde model. A syntax error, a wrongly typed value
+/// or an unknown key stops parsing and is reported with its key path and line.
+pub fn parse(text: &str) -> Result<RootConfig, ConfigError> {
+    serde_path_to_error::deserialize(toml::Deserializer::new(text))
+        .map_err(|e| describe_parse_error(&e, text))
+}
+
+fn describe_parse_error(
+    error: &serde_path_to_error::Error<toml::de::Error>,
+    text: &str,
+) -> ConfigError {
+    let inner = error.inner();
+    let mut path = error.path().to_string();
+    let location = inner.span().map(|span| {
+        let before = &text[..span.start.min(text.len())];
+        let line = before.matches('\n').count() + 1;
+        let column = before.chars().rev().take_while(|&c| c != '\n').count() + 1;
+        (line, column)
+    });
+    let message = one_line(inner.message());
+
+    if let Some((key, expected)) = unknown_field(&message) {
+        if !path.ends_with(&key) {
+            path = join_key(&path, &key);
+        }
+        let mut hint = expected;
+        if let Some((line, _)) = location {
+            hint.push_str(&format!("; line {line}"));
+        }
+        return ConfigError::new(path, "unknown key").with_hint(hint);
+    }
+    let (path, hint) = match (path.as_str(), location) {
+        (".", Some((line, column))) => (
+            "(syntax)".to_owned(),
+            format!("line {line}, column {column}"),
+        ),
+        (".", None) => ("(syntax)".to_owned(), String::new()),
+        (_, Some((line, _))) => (path, format!("line {line}")),
+        (_, None) => (path, String::new()),
+    };
+    let error = ConfigError::new(path, message);
+    if hint.is_empty() {
+        error
+    } else {
+        error.with_hint(hint)
+    }
+}
+
+/// Splits serde's "unknown field `x`, expected one of `a`, `b`" into the key and
+/// "expected one of: a, b".
+fn unknown_field(message: &str) -> Option<(String, String)> {
+    let rest = message.strip_prefix("unknown field `")?;
+    let (key, rest) = rest.split_once('`')?;
+    let expected = rest.trim_start_matches(',').trim();
+    let expected = if let Some(list) = expected.strip_prefix("expected one of ") {
+        format!("expected one of: {}", list.replace('`', ""))
+    } else if let Some(list) = expected.strip_prefix("expected ") {
+        format!(
+            "expected one of: {}",
+            list.replace('`', "").replace(" or ", ", ")
+        )
+    } else {
+        "no keys are allowed here".to_owned()
+    };
+    Some((key.to_owned(), expected))
+}
+
+fn one_line(message: &str) -> String {
+    message
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+fn join_key(path: &str, key: &str) -> String {
+    let key = fields::key_segment(key);
+    if path == "." || path.is_empty() {
+        key
+    } else {
+        format!("{path}.{key}")
+    }
+}

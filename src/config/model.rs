@@ -1,0 +1,165 @@
+//! The serde model of the TOML config file: exactly the file's shape, nothing checked.
+//!
+//! Every struct denies unknown keys, so a typo is an error rather than a silently
+//! ignored setting. Values that need parsing (addresses, durations, CIDRs, host
+//! names) stay `String`s here and numbers stay `i64` (TOML's integer type), so that
+//! [`super::validate`] can check every one of them and report all problems at
+//! once instead of stopping at the first. Keys that have a default are `Option`s;
+//! the defaults are applied by `validate`, and each field's doc comment states it.
+//! Keys that are required are `Option`s too, so that a missing one is reported
+//! alongside every other error.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use serde::Deserialize;
+
+/// The whole file.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RootConfig {
+    /// `shutdown_grace`: how long in-flight requests may take to finish on
+    /// SIGTERM/SIGINT (humantime). Default `"10s"`.
+    pub shutdown_grace: Option<String>,
+    /// `threads`: runtime worker threads, at least 1. Default
+    /// `std::thread::available_parallelism()`.
+    pub threads: Option<i64>,
+    /// `allow_ipv4_backends`: permit back ends with IPv4 addresses. Default `false`.
+    pub allow_ipv4_backends: Option<bool>,
+    /// `trusted_proxies`: CIDRs (`"2001:db8::/32"`) or bare IPs (a /32 or /128) whose
+    /// forwarding headers are kept. Default `[]`.
+    pub trusted_proxies: Option<Vec<String>>,
+    /// `[admin]`: the admin listener. Default: the defaults of [`AdminConfig`].
+    pub admin: Option<AdminConfig>,
+    /// `[[listeners]]`: public listeners; at least one is required. No default.
+    pub listeners: Option<Vec<ListenerConfig>>,
+    /// `[[routes]]`: host/path routes to pools; at least one is required. No default.
+    pub routes: Option<Vec<RouteConfig>>,
+    /// `[pools.NAME]`: pools keyed by name (sorted, so order is stable). Default: none,
+    /// but every route must name one.
+    pub pools: Option<BTreeMap<String, PoolConfig>>,
+    /// `[maintenance]`: the maintenance page. Default: the defaults of
+    /// [`MaintenanceConfig`].
+    pub maintenance: Option<MaintenanceConfig>,
+    /// `[limits]`: hardening limits. Default: the defaults of [`LimitsConfig`].
+    pub limits: Option<LimitsConfig>,
+}
+
+/// `[admin]`: metrics, status page and API.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// `listen`: socket addresses (IP literal and port). Default `["127.0.0.1:9090"]`;
+    /// `[]` disables the admin listener.
+    pub listen: Option<Vec<String>>,
+}
+
+/// One `[[listeners]]` entry.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerConfig {
+    /// `name`: unique among listeners. Required; no default.
+    pub name: Option<String>,
+    /// `bind`: socket addresses (IP literal and port), each its own socket, unique
+    /// across all listeners and the admin listener. Required and non-empty; no default.
+    pub bind: Option<Vec<String>>,
+    /// `redirect_https`: answer every request with `308` to `https://`. Default `false`.
+    pub redirect_https: Option<bool>,
+}
+
+/// One `[[routes]]` entry.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    /// `host`: a host name without port (`"blog.example.org"`) or a wildcard for the
+    /// whole first label (`"*.example.org"`); matched case-insensitively. Default:
+    /// absent, matching every host.
+    pub host: Option<String>,
+    /// `path_prefix`: starts with `/`; the longest matching prefix wins. Default `"/"`.
+    pub path_prefix: Option<String>,
+    /// `pool`: the name of a pool in `[pools]`. Required; no default.
+    pub pool: Option<String>,
+    /// `class`: `"read"` or `"write"`; `"write"` treats every request on this route as
+    /// a write. Default: absent, classifying by method.
+    pub class: Option<String>,
+}
+
+/// One `[pools.NAME]` table.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolConfig {
+    /// `queue_depth`: maximum waiting requests; `0` never queues. Default `1024`.
+    pub queue_depth: Option<i64>,
+    /// `queue_timeout`: longest wait in the queue (humantime). Default `"1s"`.
+    pub queue_timeout: Option<String>,
+    /// `maintenance`: shed every request to the maintenance page. Default `false`.
+    pub maintenance: Option<bool>,
+    /// `backends`: the pool's back ends; may be empty only with `maintenance = true`.
+    /// Default `[]`.
+    pub backends: Option<Vec<BackendConfig>>,
+    /// `[pools.NAME.health_check]`: active health checks. Default: absent (back ends
+    /// are up unless passive checks say otherwise).
+    pub health_check: Option<HealthCheckConfig>,
+}
+
+/// One entry of a pool's `backends`.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendConfig {
+    /// `name`: non-empty, unique within the pool. Required; no default.
+    pub name: Option<String>,
+    /// `address`: `"[2001:db8::10]:80"`, or `"host:port"` resolved to IPv6 (AAAA) only
+    /// unless `allow_ipv4_backends`. Required; no default.
+    pub address: Option<String>,
+    /// `weight`: 0 (drained) to 1_000_000. Default `1`.
+    pub weight: Option<i64>,
+    /// `max_connections`: concurrent requests in flight, at least 1. Default: absent,
+    /// unlimited.
+    pub max_connections: Option<i64>,
+    /// `served_by`: `X-Served-By` value added when the back end sends none. Default:
+    /// absent, no header added.
+    pub served_by: Option<String>,
+    /// `backup`: used only while no primary back end is up. Default `false`.
+    pub backup: Option<bool>,
+}
+
+/// `[pools.NAME.health_check]`.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthCheckConfig {
+    /// `path`: the request path, starting with `/`. Required; no default.
+    pub path: Option<String>,
+    /// `interval`: time between checks (humantime, more than 0). Default `"2s"`.
+    pub interval: Option<String>,
+    /// `timeout`: per-check deadline (humantime, more than 0, at most `interval`).
+    /// Default `"1s"`.
+    pub timeout: Option<String>,
+    /// `rise`: consecutive successes that mark a back end up, at least 1. Default `2`.
+    pub rise: Option<i64>,
+    /// `fall`: consecutive failures that mark a back end down, at least 1. Default `3`.
+    pub fall: Option<i64>,
+}
+
+/// `[maintenance]`: the page shed requests get.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MaintenanceConfig {
+    /// `page`: template file, relative to the config file's directory (or absolute);
+    /// must exist and be readable UTF-8. Default: absent, the built-in page.
+    pub page: Option<PathBuf>,
+    /// `retry_after`: the `Retry-After` the page carries (humantime). Default `"30s"`.
+    pub retry_after: Option<String>,
+    /// `analytics`: HTML inserted where the template says `{{analytics}}`. Default `""`.
+    pub analytics: Option<String>,
+}
+
+/// `[limits]`: hardening limits.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// `header_timeout`: deadline for the whole request head (humantime, more than 0).
+    /// Default `"10s"`.
+    pub header_timeout: Option<String>,
+    /// `idle_timeout`: keep-alive idle timeout (humantime, more than 0). Default `"60s"`.
+    pub idle_timeout: Option<String>,
+}

@@ -1,0 +1,157 @@
+//! The validated, immutable configuration: typed values only.
+//!
+//! A [`Snapshot`] is produced by [`super::validate`] from the serde model and is
+//! never mutated afterwards. Every value in it has already been checked: addresses
+//! are `SocketAddr`s (back ends resolved to IPv6 unless `allow_ipv4_backends`),
+//! durations are `Duration`s, route targets are indices into `pools`, names are
+//! unique, files exist. Code that holds a `Snapshot` never re-validates.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use http::HeaderValue;
+use ipnet::IpNet;
+
+/// One whole, valid configuration.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    /// The file this snapshot was read from (`None` for built-in configs such as the demo).
+    pub source: Option<PathBuf>,
+    /// How long in-flight requests may take to finish on SIGTERM/SIGINT.
+    pub shutdown_grace: Duration,
+    /// Worker threads of the runtime (`threads`, default `available_parallelism()`).
+    pub threads: usize,
+    /// Whether back ends may have IPv4 addresses.
+    pub allow_ipv4_backends: bool,
+    /// Peers whose `X-Forwarded-For`/`X-Real-IP`/`Forwarded` are kept (appended to).
+    pub trusted_proxies: Vec<IpNet>,
+    pub admin: AdminSpec,
+    /// Public listeners, in config order; names are unique, bind addresses unique across all.
+    pub listeners: Vec<ListenerSpec>,
+    /// Routes in config order; each `pool` is an index into `pools`.
+    pub routes: Vec<RouteSpec>,
+    /// Pools sorted by name; names are unique.
+    pub pools: Vec<PoolSpec>,
+    pub maintenance: MaintenanceSpec,
+    pub limits: LimitsSpec,
+}
+
+impl Snapshot {
+    /// The index of the pool called `name`.
+    pub fn pool_index(&self, name: &str) -> Option<usize> {
+        self.pools.iter().position(|p| p.name == name)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct AdminSpec {
+    /// Admin listener addresses (metrics, status, API). Default `["127.0.0.1:9090"]`.
+    pub listen: Vec<SocketAddr>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ListenerSpec {
+    pub name: String,
+    /// Each address gets its own socket; IPv6 ones are `IPV6_V6ONLY`.
+    pub bind: Vec<SocketAddr>,
+    /// Plain listener answering `308` to `https://` (TLS issue).
+    pub redirect_https: bool,
+}
+
+/// How a route's host is matched (case-insensitively, port stripped).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum HostMatch {
+    /// No `host` key: matches every host.
+    Any,
+    /// `host = "blog.example.org"`, stored lower-case.
+    Exact(String),
+    /// `host = "*.example.org"`: stored as the lower-case suffix `.example.org`;
+    /// matches `a.example.org` and `a.b.example.org`, not `example.org`.
+    Wildcard(String),
+}
+
+/// Request class for admission priority.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Class {
+    Read,
+    Write,
+}
+
+impl Class {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Class::Read => "read",
+            Class::Write => "write",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct RouteSpec {
+    pub host: HostMatch,
+    /// Always starts with `/`; default `/`.
+    pub path_prefix: String,
+    /// Index into `Snapshot::pools`.
+    pub pool: usize,
+    /// `Some(Class::Write)` when the route says `class = "write"`; `None` = by method.
+    pub class: Option<Class>,
+}
+
+#[derive(Debug, Clone)]
+pub struct PoolSpec {
+    pub name: String,
+    /// Maximum waiting requests (default 1024).
+    pub queue_depth: usize,
+    /// Longest wait in the queue (default 1s).
+    pub queue_timeout: Duration,
+    /// Manual maintenance: shed everything.
+    pub maintenance: bool,
+    /// In config order; names unique within the pool. May be empty only if `maintenance`.
+    pub backends: Vec<BackendSpec>,
+    pub health_check: Option<HealthCheckSpec>,
+}
+
+#[derive(Debug, Clone)]
+pub struct BackendSpec {
+    pub name: String,
+    /// The address as written in the config (for status pages and logs).
+    pub address_text: String,
+    /// Resolved address: IPv6 unless `allow_ipv4_backends`.
+    pub address: SocketAddr,
+    /// 0 = drained (no new requests). Default 1.
+    pub weight: u32,
+    /// Concurrent requests in flight to this back end; `None` = unlimited (default).
+    pub max_connections: Option<u32>,
+    /// Value for `X-Served-By` when the back end sends none.
+    pub served_by: Option<HeaderValue>,
+    /// Only used while no primary back end is up.
+    pub backup: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct HealthCheckSpec {
+    pub path: String,
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub rise: u32,
+    pub fall: u32,
+}
+
+#[derive(Debug, Clone)]
+pub struct MaintenanceSpec {
+    /// Template file (resolved against the config file's directory); `None` = built-in page.
+    pub page: Option<PathBuf>,
+    /// `Retry-After` (default 30s).
+    pub retry_after: Duration,
+    /// HTML inserted at `{{analytics}}` (default empty).
+    pub analytics: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct LimitsSpec {
+    /// Deadline for the whole request head (default 10s).
+    pub header_timeout: Duration,
+    /// Keep-alive idle timeout (default 60s).
+    pub idle_timeout: Duration,
+}

@@ -1,0 +1,18 @@
+//! launchday: an edge HTTP load balancer for launch day.
+//!
+//! `main.rs` is only the CLI; everything else lives here so that `tests/` and
+//! `benches/` can drive the real components. See `README.md` for the user's view and
+//! `../shared/DESIGN.md` for the architecture and the external contract.
+
+pub mod admin;
+pub mod body;
+pub mod config;
+pub mod demo;
+pub mod headers;
+pub mod listener;
+pub mod metrics;
+pub mod pool;
+pub mod proxy;
+pub mod route;
+pub mod server;
+pub mod upstream;

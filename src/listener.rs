@@ -1,0 +1,143 @@
+//! Listening sockets and the accept loops that serve HTTP/1.1 on them.
+//!
+//! Each bind address gets its own socket, made with socket2 so that we own its
+//! options: `SO_REUSEADDR` (restart while old connections sit in TIME_WAIT),
+//! `IPV6_V6ONLY` on IPv6 sockets (so `0.0.0.0:P` and `[::]:P` coexist as two
+//! sockets), a 4096 backlog, non-blocking. `SO_REUSEPORT` is deliberately *not* set:
+//! with it, a second balancer started by mistake on the same port would silently
+//! share the traffic instead of failing to start. Accepted connections get
+//! `TCP_NODELAY` (responses are written in one go; Nagle would only delay them).
+//!
+//! Invariant: an accept error (e.g. out of file descriptors) never ends the loop; it
+//! is logged and the loop pauses briefly so it cannot spin.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::HeaderValue;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::net::TcpListener;
+
+use crate::headers::Forwarded;
+use crate::proxy::Proxy;
+
+/// Listen backlog (`net.core.somaxconn` caps it).
+pub const BACKLOG: i32 = 4096;
+
+/// Errors of this module.
+#[derive(Debug, thiserror::Error)]
+pub enum ListenerError {
+    #[error("cannot bind {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// Binds `addr` with the options above.
+pub fn bind(addr: SocketAddr) -> Result<TcpListener, ListenerError> {
+    let make = || -> std::io::Result<TcpListener> {
+        let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+        socket.set_reuse_address(true)?;
+        if addr.is_ipv6() {
+            socket.set_only_v6(true)?;
+        }
+        socket.set_nonblocking(true)?;
+        socket.bind(&addr.into())?;
+        socket.listen(BACKLOG)?;
+        TcpListener::from_std(socket.into())
+    };
+    make().map_err(|source| ListenerError::Bind { addr, source })
+}
+
+/// Settings of one public listener's connections.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    /// Whole-request-head deadline.
+    pub header_timeout: Duration,
+    /// `http` or `https` for `X-Forwarded-Proto`.
+    pub proto: &'static str,
+    /// Peers whose forwarding headers are trusted.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+}
+
+/// Accepts connections on `listener` until `stop` resolves, serving each with `proxy`.
+/// Connections are registered with `graceful` so that shutdown can drain them; the
+/// loop drops its handle on `graceful` when it returns.
+pub async fn serve(
+    listener: TcpListener,
+    proxy: Arc<Proxy>,
+    opts: ServeOptions,
+    graceful: Arc<GracefulShutdown>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let opts = Arc::new(opts);
+    loop {
+        let accepted = tokio::select! {
+            biased;
+            _ = stop.changed() => return,
+            a = listener.accept() => a,
+        };
+        let (stream, peer) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let peer_ip = peer.ip().to_canonical();
+        let fwd = Arc::new(Forwarded {
+            // An IP address always formats as a valid header value.
+            peer_ip: HeaderValue::from_str(&peer_ip.to_string())
+                .unwrap_or_else(|_| HeaderValue::from_static("unknown")),
+            trusted: opts.trusted_proxies.iter().any(|n| n.contains(&peer_ip)),
+            proto: HeaderValue::from_static(opts.proto),
+        });
+        let proxy = Arc::clone(&proxy);
+        let svc = service_fn(move |req| {
+            let proxy = Arc::clone(&proxy);
+            let fwd = Arc::clone(&fwd);
+            async move { Ok::<_, Infallible>(proxy.handle(req, &fwd).await) }
+        });
+        let conn = http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(opts.header_timeout)
+            .keep_alive(true)
+            .serve_connection(TokioIo::new(stream), svc);
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(%peer, error = %e, "client connection ended");
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn v4_and_v6_wildcards_coexist_on_one_port() {
+        let v6 = bind("[::]:0".parse().expect("addr")).expect("v6");
+        let port = v6.local_addr().expect("addr").port();
+        let v4 = bind(SocketAddr::from(([0, 0, 0, 0], port))).expect("v4 beside v6");
+        assert_eq!(v4.local_addr().expect("addr").port(), port);
+    }
+
+    #[tokio::test]
+    async fn a_port_in_use_is_an_error_naming_the_address() {
+        let a = bind("127.0.0.1:0".parse().expect("addr")).expect("a");
+        let addr = a.local_addr().expect("addr");
+        let err = bind(addr).expect_err("second bind must fail");
+        assert!(err.to_string().contains(&addr.to_string()), "{err}");
+    }
+}

@@ -1,0 +1,185 @@
+//! Prometheus metrics: one registry, created once and passed in.
+//!
+//! Families are registered exactly once in [`Metrics::new`]. The request path never
+//! formats a label: per pool and per back end the label handles are resolved once
+//! (when a snapshot is activated) into [`PoolMetrics`] and [`BackendMetrics`].
+//! Labels are bounded: pool and back-end names come from the config, `code` is one of
+//! five classes; never a path or a client address. Units are base units (seconds).
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+/// Errors of this module.
+#[derive(Debug, thiserror::Error)]
+pub enum MetricsError {
+    #[error("registering metric: {0}")]
+    Register(#[from] prometheus::Error),
+}
+
+/// The label value for answers generated locally (404, maintenance page, ...).
+pub const LOCAL_BACKEND: &str = "-";
+
+const CODE_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+
+/// Every metric family of the balancer, registered in one registry.
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Registry,
+    requests: IntCounterVec,
+    duration: HistogramVec,
+    backend_weight: IntGaugeVec,
+    backend_in_flight: IntGaugeVec,
+}
+
+impl Metrics {
+    /// Registers every family in `registry`.
+    pub fn new(registry: Registry) -> Result<Self, MetricsError> {
+        let requests = IntCounterVec::new(
+            Opts::new(
+                "launchday_requests_total",
+                "Requests answered, by pool, back end (- when answered locally) and status class.",
+            ),
+            &["pool", "backend", "code"],
+        )?;
+        let duration = HistogramVec::new(
+            HistogramOpts::new(
+                "launchday_request_duration_seconds",
+                "Time from request head received to response head sent, by pool.",
+            )
+            .buckets(vec![
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                10.0,
+            ]),
+            &["pool"],
+        )?;
+        let backend_weight = IntGaugeVec::new(
+            Opts::new(
+                "launchday_backend_weight",
+                "Configured weight of each back end (0 = drained).",
+            ),
+            &["pool", "backend"],
+        )?;
+        let backend_in_flight = IntGaugeVec::new(
+            Opts::new(
+                "launchday_backend_in_flight",
+                "Requests currently in flight to each back end.",
+            ),
+            &["pool", "backend"],
+        )?;
+        registry.register(Box::new(requests.clone()))?;
+        registry.register(Box::new(duration.clone()))?;
+        registry.register(Box::new(backend_weight.clone()))?;
+        registry.register(Box::new(backend_in_flight.clone()))?;
+        Ok(Metrics {
+            registry,
+            requests,
+            duration,
+            backend_weight,
+            backend_in_flight,
+        })
+    }
+
+    /// The registry (for families registered by other modules).
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// Label handles for one pool.
+    pub fn pool(&self, pool: &str) -> PoolMetrics {
+        PoolMetrics {
+            duration: self.duration.with_label_values(&[pool]),
+            local: CodeCounters::new(&self.requests, pool, LOCAL_BACKEND),
+        }
+    }
+
+    /// Label handles for one back end; sets its weight gauge.
+    pub fn backend(&self, pool: &str, backend: &str, weight: u32) -> BackendMetrics {
+        let w = self.backend_weight.with_label_values(&[pool, backend]);
+        w.set(i64::from(weight));
+        BackendMetrics {
+            requests: CodeCounters::new(&self.requests, pool, backend),
+            in_flight: self.backend_in_flight.with_label_values(&[pool, backend]),
+        }
+    }
+
+    /// Counters for requests that matched no route (`pool="-"`, `backend="-"`).
+    pub fn unrouted(&self) -> CodeCounters {
+        CodeCounters::new(&self.requests, LOCAL_BACKEND, LOCAL_BACKEND)
+    }
+
+    /// The Prometheus text format (0.0.4) of every family.
+    pub fn render(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(16 * 1024);
+        // Encoding into a Vec cannot fail on I/O; an error here would mean a metric
+        // with invalid label data, which `with_label_values` already rejects.
+        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
+            tracing::error!(error = %e, "encoding metrics");
+        }
+        out
+    }
+}
+
+/// One `launchday_requests_total` counter per status class, for one (pool, back end).
+#[derive(Clone)]
+pub struct CodeCounters([IntCounter; 5]);
+
+impl CodeCounters {
+    fn new(family: &IntCounterVec, pool: &str, backend: &str) -> Self {
+        CodeCounters(CODE_CLASSES.map(|c| family.with_label_values(&[pool, backend, c])))
+    }
+
+    /// Counts one answer with `status`.
+    pub fn inc(&self, status: http::StatusCode) {
+        let class = (status.as_u16() / 100).clamp(1, 5) as usize - 1;
+        self.0[class].inc();
+    }
+}
+
+/// Pre-resolved handles of one pool.
+#[derive(Clone)]
+pub struct PoolMetrics {
+    pub duration: Histogram,
+    /// Answers generated locally for this pool (`backend="-"`).
+    pub local: CodeCounters,
+}
+
+/// Pre-resolved handles of one back end.
+#[derive(Clone)]
+pub struct BackendMetrics {
+    pub requests: CodeCounters,
+    pub in_flight: IntGauge,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn families_render_with_help_and_labels() {
+        let m = Metrics::new(Registry::new()).expect("metrics");
+        let b = m.backend("blog", "pi", 1);
+        b.requests.inc(http::StatusCode::OK);
+        b.requests.inc(http::StatusCode::BAD_GATEWAY);
+        b.in_flight.set(3);
+        m.pool("blog").duration.observe(0.01);
+        m.unrouted().inc(http::StatusCode::NOT_FOUND);
+        let text = String::from_utf8(m.render()).expect("utf8");
+        assert!(text.contains("# HELP launchday_requests_total"));
+        assert!(text.contains("# TYPE launchday_requests_total counter"));
+        assert!(text.contains(r#"launchday_requests_total{backend="pi",code="2xx",pool="blog"} 1"#));
+        assert!(text.contains(r#"launchday_requests_total{backend="pi",code="5xx",pool="blog"} 1"#));
+        assert!(text.contains(r#"launchday_requests_total{backend="-",code="4xx",pool="-"} 1"#));
+        assert!(text.contains(r#"launchday_backend_weight{backend="pi",pool="blog"} 1"#));
+        assert!(text.contains(r#"launchday_backend_in_flight{backend="pi",pool="blog"} 3"#));
+        assert!(text.contains("launchday_request_duration_seconds_bucket{pool=\"blog\""));
+    }
+
+    #[test]
+    fn registering_twice_in_one_registry_fails() {
+        let r = Registry::new();
+        let _m = Metrics::new(r.clone()).expect("first");
+        assert!(Metrics::new(r).is_err());
+    }
+}

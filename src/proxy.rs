@@ -1,0 +1,196 @@
+//! The request handler: route → acquire → forward, or answer locally.
+//!
+//! A request loads the live state ([`Live`]: the snapshot and the objects built from
+//! it) once and uses it to the end, so a reload in the middle never mixes two configs.
+//! Every answer is counted once in `launchday_requests_total`, with `backend="-"` when
+//! launchday answered itself; locally generated answers carry `X-Served-By: launchday`
+//! and an `X-Launchday-Error` saying why.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use arc_swap::ArcSwap;
+use http::header::{self, HeaderValue};
+use http::{Request, Response, StatusCode, Uri};
+use hyper::body::Incoming;
+use parking_lot::Mutex;
+
+use crate::body::Body;
+use crate::config::Snapshot;
+use crate::headers::{self, Forwarded, X_LAUNCHDAY_ERROR, X_SERVED_BY};
+use crate::metrics::{CodeCounters, Metrics};
+use crate::pool::{Pool, Shed};
+use crate::route::Router;
+use crate::upstream::Upstream;
+
+/// What a request needs from the configuration, built once per snapshot.
+pub struct Live {
+    pub snapshot: Arc<Snapshot>,
+    pub router: Router,
+    /// Same order as `snapshot.pools`.
+    pub pools: Vec<Arc<Pool>>,
+}
+
+/// The handler shared by every connection of every listener.
+pub struct Proxy {
+    live: ArcSwap<Live>,
+    metrics: Metrics,
+    unrouted: CodeCounters,
+    /// Connection pools by back-end address, shared by pools and kept across reloads.
+    upstreams: Mutex<HashMap<SocketAddr, Arc<Upstream>>>,
+}
+
+static LAUNCHDAY: HeaderValue = HeaderValue::from_static("launchday");
+static TEXT_PLAIN: HeaderValue = HeaderValue::from_static("text/plain; charset=utf-8");
+
+impl Proxy {
+    /// A handler serving `snapshot`.
+    pub fn new(snapshot: Arc<Snapshot>, metrics: Metrics) -> Arc<Self> {
+        let unrouted = metrics.unrouted();
+        let proxy = Proxy {
+            live: ArcSwap::from_pointee(Live {
+                snapshot: Arc::clone(&snapshot),
+                router: Router::default(),
+                pools: Vec::new(),
+            }),
+            metrics,
+            unrouted,
+            upstreams: Mutex::new(HashMap::new()),
+        };
+        let live = proxy.build(snapshot);
+        proxy.live.store(Arc::new(live));
+        Arc::new(proxy)
+    }
+
+    /// The metrics this handler counts into.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// The live state now.
+    pub fn live(&self) -> Arc<Live> {
+        self.live.load_full()
+    }
+
+    /// Builds the live state of `snapshot` and swaps it in: the very next request uses it.
+    pub fn apply(&self, snapshot: Arc<Snapshot>) {
+        let live = self.build(snapshot);
+        self.live.store(Arc::new(live));
+    }
+
+    fn build(&self, snapshot: Arc<Snapshot>) -> Live {
+        let mut upstreams = self.upstreams.lock();
+        let pools = snapshot
+            .pools
+            .iter()
+            .map(|spec| {
+                Arc::new(Pool::new(spec.clone(), &self.metrics, |addr| {
+                    Arc::clone(upstreams.entry(addr).or_insert_with(|| Upstream::new(addr)))
+                }))
+            })
+            .collect();
+        Live {
+            router: Router::new(&snapshot.routes),
+            pools,
+            snapshot,
+        }
+    }
+
+    /// Handles one request from a client.
+    pub async fn handle(&self, req: Request<Incoming>, fwd: &Forwarded) -> Response<Body> {
+        let live = self.live.load_full();
+        let host = request_host(&req);
+        let Some(matched) = live.router.route(host, req.uri().path()) else {
+            let resp = local(
+                StatusCode::NOT_FOUND,
+                "no_route",
+                "No route for this host and path.\n",
+            );
+            self.unrouted.inc(resp.status());
+            return resp;
+        };
+        let pool = &live.pools[matched.pool];
+        let start = Instant::now();
+        let resp = match pool.acquire() {
+            Ok(lease) => forward(req, lease, fwd).await,
+            Err(shed) => {
+                let resp = shed_response(shed);
+                pool.metrics.local.inc(resp.status());
+                resp
+            }
+        };
+        pool.metrics.duration.observe(start.elapsed().as_secs_f64());
+        resp
+    }
+}
+
+async fn forward(
+    req: Request<Incoming>,
+    lease: crate::pool::Lease,
+    fwd: &Forwarded,
+) -> Response<Body> {
+    let backend = lease.backend();
+    let (mut parts, body) = req.into_parts();
+    headers::rewrite_request(&mut parts.headers, fwd, &backend.spec.address_text);
+    // Back ends get origin-form targets; absolute-form was routed on its authority.
+    if parts.uri.scheme().is_some() || parts.uri.authority().is_some() {
+        let pq = parts
+            .uri
+            .path_and_query()
+            .map(|pq| pq.as_str())
+            .unwrap_or("/");
+        parts.uri = pq.parse::<Uri>().unwrap_or_else(|_| Uri::from_static("/"));
+    }
+    parts.version = http::Version::HTTP_11;
+    let up_req = Request::from_parts(parts, Body::incoming(body));
+    match backend.upstream.send(up_req).await {
+        Ok((resp, checkin)) => {
+            let (mut parts, body) = resp.into_parts();
+            headers::rewrite_response(&mut parts.headers, backend.spec.served_by.as_ref());
+            backend.metrics.requests.inc(parts.status);
+            Response::from_parts(parts, Body::upstream(body, checkin, lease))
+        }
+        Err(e) => {
+            tracing::warn!(backend = %backend.spec.name, error = %e, "forwarding failed");
+            let resp = local(
+                StatusCode::BAD_GATEWAY,
+                e.code(),
+                "The back end could not answer.\n",
+            );
+            backend.metrics.requests.inc(resp.status());
+            resp
+        }
+    }
+}
+
+fn shed_response(shed: Shed) -> Response<Body> {
+    local(
+        StatusCode::SERVICE_UNAVAILABLE,
+        shed.reason(),
+        "The service is unavailable. Please try again shortly.\n",
+    )
+}
+
+/// The host a request is for: the URI's authority (HTTP/2, absolute-form) or `Host`.
+fn request_host<B>(req: &Request<B>) -> Option<&str> {
+    if let Some(a) = req.uri().authority() {
+        return Some(a.as_str());
+    }
+    req.headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+}
+
+/// A locally generated answer.
+pub fn local(status: StatusCode, error: &'static str, text: &'static str) -> Response<Body> {
+    let mut resp = Response::new(Body::full(text));
+    *resp.status_mut() = status;
+    let h = resp.headers_mut();
+    h.insert(header::CONTENT_TYPE, TEXT_PLAIN.clone());
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    h.insert(X_SERVED_BY.clone(), LAUNCHDAY.clone());
+    h.insert(X_LAUNCHDAY_ERROR.clone(), HeaderValue::from_static(error));
+    resp
+}

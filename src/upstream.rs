@@ -1,0 +1,188 @@
+//! Keep-alive HTTP/1.1 connection pools to back ends, and sending a request on one.
+//!
+//! One [`Upstream`] per back-end address holds a LIFO stack of idle connections
+//! (hyper client connections whose driver task runs on the runtime). A request takes
+//! the most recently used idle connection that is still open, or dials a new one.
+//!
+//! Invariants:
+//! - A connection goes back to the idle stack only after its response body was read
+//!   to the end ([`Checkin::reuse`], called by the response body); a response cut
+//!   short leaves the connection to be closed by hyper.
+//! - A request is retried on another connection only when hyper hands it back
+//!   unsent (`TrySendError::take_message`): a stale keep-alive connection closed by
+//!   the back end never costs a client its request, and nothing is ever sent twice.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::body::Incoming;
+use hyper::client::conn::http1::{self, SendRequest};
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use parking_lot::Mutex;
+use tokio::net::TcpStream;
+
+use crate::body::Body;
+
+/// How long dialling a back end may take before the request fails with 502.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// Idle connections kept per back end; more are closed when they come back.
+pub const MAX_IDLE_PER_BACKEND: usize = 4096;
+
+/// Why a request could not be forwarded.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    /// Nothing was sent: the back end could not be reached.
+    #[error("connecting to {addr}: {source}")]
+    Connect {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("connecting to {addr}: timed out after {timeout:?}")]
+    ConnectTimeout { addr: SocketAddr, timeout: Duration },
+    /// The HTTP/1 handshake on a fresh connection failed; nothing was sent.
+    #[error("handshake with {addr}: {source}")]
+    Handshake {
+        addr: SocketAddr,
+        source: hyper::Error,
+    },
+    /// The request was (maybe partly) sent, and no response head came back.
+    #[error("request to {addr} failed after sending: {source}")]
+    AfterSend {
+        addr: SocketAddr,
+        source: hyper::Error,
+    },
+}
+
+impl UpstreamError {
+    /// The `X-Launchday-Error` value for this failure.
+    pub fn code(&self) -> &'static str {
+        match self {
+            UpstreamError::Connect { .. }
+            | UpstreamError::ConnectTimeout { .. }
+            | UpstreamError::Handshake { .. } => "upstream_connect_failed",
+            UpstreamError::AfterSend { .. } => "upstream_failed_after_send",
+        }
+    }
+}
+
+/// The connection pool of one back-end address.
+#[derive(Debug)]
+pub struct Upstream {
+    addr: SocketAddr,
+    idle: Mutex<Vec<SendRequest<Body>>>,
+}
+
+/// A connection lent to one request; see [`Checkin::reuse`].
+#[derive(Debug)]
+pub struct Checkin {
+    upstream: Arc<Upstream>,
+    sender: SendRequest<Body>,
+}
+
+impl Checkin {
+    /// Returns the connection to the idle stack (its response was read to the end).
+    pub fn reuse(self) {
+        if self.sender.is_closed() {
+            return;
+        }
+        let mut idle = self.upstream.idle.lock();
+        if idle.len() < MAX_IDLE_PER_BACKEND {
+            idle.push(self.sender);
+        }
+    }
+}
+
+impl Upstream {
+    /// An empty pool for `addr`.
+    pub fn new(addr: SocketAddr) -> Arc<Self> {
+        Arc::new(Upstream {
+            addr,
+            idle: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// The back end's address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Idle connections right now (for tests and the status page).
+    pub fn idle_count(&self) -> usize {
+        self.idle.lock().len()
+    }
+
+    /// Sends `req` (origin-form URI, headers already rewritten) and returns the
+    /// response head with the connection to check in when its body is done.
+    pub async fn send(
+        self: &Arc<Self>,
+        mut req: Request<Body>,
+    ) -> Result<(Response<Incoming>, Checkin), UpstreamError> {
+        // Reuse idle connections, most recent first. A closed one is dropped; one the
+        // back end closed under us hands the request back unsent, and we go on.
+        loop {
+            let popped = self.idle.lock().pop();
+            let Some(mut sender) = popped else { break };
+            if sender.is_closed() {
+                continue;
+            }
+            if !sender.is_ready() && sender.ready().await.is_err() {
+                continue;
+            }
+            match sender.try_send_request(req).await {
+                Ok(resp) => return Ok((resp, self.checkin(sender))),
+                Err(mut e) => match e.take_message() {
+                    Some(unsent) => req = unsent,
+                    None => {
+                        return Err(UpstreamError::AfterSend {
+                            addr: self.addr,
+                            source: e.into_error(),
+                        })
+                    }
+                },
+            }
+        }
+        let mut sender = self.connect().await?;
+        match sender.try_send_request(req).await {
+            Ok(resp) => Ok((resp, self.checkin(sender))),
+            Err(e) => Err(UpstreamError::AfterSend {
+                addr: self.addr,
+                source: e.into_error(),
+            }),
+        }
+    }
+
+    fn checkin(self: &Arc<Self>, sender: SendRequest<Body>) -> Checkin {
+        Checkin {
+            upstream: Arc::clone(self),
+            sender,
+        }
+    }
+
+    async fn connect(&self) -> Result<SendRequest<Body>, UpstreamError> {
+        let addr = self.addr;
+        let stream = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(source)) => return Err(UpstreamError::Connect { addr, source }),
+            Err(_) => {
+                return Err(UpstreamError::ConnectTimeout {
+                    addr,
+                    timeout: CONNECT_TIMEOUT,
+                })
+            }
+        };
+        // Requests are small writes that must leave at once.
+        let _ = stream.set_nodelay(true);
+        let (sender, conn) = http1::Builder::new()
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(|source| UpstreamError::Handshake { addr, source })?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(%addr, error = %e, "upstream connection ended");
+            }
+        });
+        Ok(sender)
+    }
+}
