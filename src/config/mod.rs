@@ -159,7 +159,7 @@ fn describe_parse_error(
     text: &str,
 ) -> ConfigError {
     let inner = error.inner();
-    let mut path = error.path().to_string();
+    let path = key_path(error.path());
     let location = inner.span().map(|span| {
         let before = &text[..span.start.min(text.len())];
         let line = before.matches('\n').count() + 1;
@@ -167,51 +167,72 @@ fn describe_parse_error(
         (line, column)
     });
     let message = one_line(inner.message());
-
-    if let Some((key, expected)) = unknown_field(&message) {
-        if !path.ends_with(&key) {
-            path = join_key(&path, &key);
-        }
-        let mut hint = expected;
-        if let Some((line, _)) = location {
-            hint.push_str(&format!("; line {line}"));
-        }
+    if let Some(expected) = unknown_key(&message) {
+        let hint = match location {
+            Some((line, _)) => format!("{expected}; line {line}"),
+            None => expected,
+        };
         return ConfigError::new(path, "unknown key").with_hint(hint);
     }
-    let (path, hint) = match (path.as_str(), location) {
-        (".", Some((line, column))) => (
+    let (path, hint) = match (path.is_empty(), location) {
+        (true, Some((line, column))) => (
             "(syntax)".to_owned(),
-            format!("line {line}, column {column}"),
+            Some(format!("line {line}, column {column}")),
         ),
-        (".", None) => ("(syntax)".to_owned(), String::new()),
-        (_, Some((line, _))) => (path, format!("line {line}")),
-        (_, None) => (path, String::new()),
+        (true, None) => ("(syntax)".to_owned(), None),
+        (false, Some((line, _))) => (path, Some(format!("line {line}"))),
+        (false, None) => (path, None),
     };
     let error = ConfigError::new(path, message);
-    if hint.is_empty() {
-        error
-    } else {
-        error.with_hint(hint)
+    match hint {
+        Some(hint) => error.with_hint(hint),
+        None => error,
     }
 }
 
-/// Splits serde's "unknown field `x`, expected one of `a`, `b`" into the key and
+/// `pools."a.b".backends[0].weight`: keys quoted where TOML would need quotes,
+/// like the paths `validate` reports.
+fn key_path(path: &serde_path_to_error::Path) -> String {
+    use serde_path_to_error::Segment;
+    let mut out = String::new();
+    for segment in path.iter() {
+        match segment {
+            Segment::Seq { index } => out.push_str(&format!("[{index}]")),
+            Segment::Map { key } | Segment::Enum { variant: key } => {
+                if !out.is_empty() {
+                    out.push('.');
+                }
+                out.push_str(&fields::key_segment(key));
+            }
+            Segment::Unknown => {
+                if !out.is_empty() {
+                    out.push('.');
+                }
+                out.push('?');
+            }
+        }
+    }
+    out
+}
+
+/// Turns serde's "unknown field `x`, expected one of `a`, `b`" into
 /// "expected one of: a, b".
-fn unknown_field(message: &str) -> Option<(String, String)> {
+fn unknown_key(message: &str) -> Option<String> {
     let rest = message.strip_prefix("unknown field `")?;
-    let (key, rest) = rest.split_once('`')?;
+    let (_key, rest) = rest.split_once('`')?;
     let expected = rest.trim_start_matches(',').trim();
-    let expected = if let Some(list) = expected.strip_prefix("expected one of ") {
-        format!("expected one of: {}", list.replace('`', ""))
-    } else if let Some(list) = expected.strip_prefix("expected ") {
-        format!(
-            "expected one of: {}",
-            list.replace('`', "").replace(" or ", ", ")
-        )
-    } else {
-        "no keys are allowed here".to_owned()
-    };
-    Some((key.to_owned(), expected))
+    Some(
+        if let Some(list) = expected.strip_prefix("expected one of ") {
+            format!("expected one of: {}", list.replace('`', ""))
+        } else if let Some(list) = expected.strip_prefix("expected ") {
+            format!(
+                "expected one of: {}",
+                list.replace('`', "").replace(" or ", ", ")
+            )
+        } else {
+            "no keys are allowed here".to_owned()
+        },
+    )
 }
 
 fn one_line(message: &str) -> String {
@@ -221,13 +242,4 @@ fn one_line(message: &str) -> String {
         .filter(|l| !l.is_empty())
         .collect::<Vec<_>>()
         .join("; ")
-}
-
-fn join_key(path: &str, key: &str) -> String {
-    let key = fields::key_segment(key);
-    if path == "." || path.is_empty() {
-        key
-    } else {
-        format!("{path}.{key}")
-    }
 }
