@@ -12,7 +12,9 @@ use launchday::pool::Pool;
 use launchday::upstream::Upstream;
 
 fn weights(n: usize) -> Vec<u32> {
-    (0..n).map(|i| if i == 0 { 11 } else { 1 + (i % 5) as u32 }).collect()
+    (0..n)
+        .map(|i| if i == 0 { 11 } else { 1 + (i % 5) as u32 })
+        .collect()
 }
 
 fn pool(n: usize) -> Arc<Pool> {

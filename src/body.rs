@@ -93,8 +93,15 @@ impl http_body::Body for Body {
                 lease,
             } => {
                 let polled = Pin::new(&mut *inner).poll_frame(cx);
+                // hyper stops polling a body whose length is known as soon as it has
+                // all of it, so "ended" is also a data frame that leaves nothing.
+                let ended = match &polled {
+                    Poll::Ready(None) => true,
+                    Poll::Ready(Some(Ok(_))) => inner.is_end_stream(),
+                    _ => false,
+                };
                 match &polled {
-                    Poll::Ready(None) => {
+                    _ if ended => {
                         if let Some(c) = checkin.take() {
                             c.reuse();
                         }

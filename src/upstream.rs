@@ -72,24 +72,30 @@ impl UpstreamError {
 pub struct Upstream {
     addr: SocketAddr,
     idle: Mutex<Vec<SendRequest<Body>>>,
+    /// Measurement only: hyper-util's pooled client, to compare with our own pool
+    /// (`cargo build --release --features bench-legacy-client`; see BENCHMARKS.md).
+    #[cfg(feature = "bench-legacy-client")]
+    legacy: legacy::Client,
 }
 
 /// A connection lent to one request; see [`Checkin::reuse`].
 #[derive(Debug)]
 pub struct Checkin {
     upstream: Arc<Upstream>,
-    sender: SendRequest<Body>,
+    /// `None` with the `bench-legacy-client` feature (hyper-util pools by itself).
+    sender: Option<SendRequest<Body>>,
 }
 
 impl Checkin {
     /// Returns the connection to the idle stack (its response was read to the end).
     pub fn reuse(self) {
-        if self.sender.is_closed() {
+        let Some(sender) = self.sender else { return };
+        if sender.is_closed() {
             return;
         }
         let mut idle = self.upstream.idle.lock();
         if idle.len() < MAX_IDLE_PER_BACKEND {
-            idle.push(self.sender);
+            idle.push(sender);
         }
     }
 }
@@ -100,6 +106,8 @@ impl Upstream {
         Arc::new(Upstream {
             addr,
             idle: Mutex::new(Vec::new()),
+            #[cfg(feature = "bench-legacy-client")]
+            legacy: legacy::client(),
         })
     }
 
@@ -119,6 +127,8 @@ impl Upstream {
         self: &Arc<Self>,
         mut req: Request<Body>,
     ) -> Result<(Response<Incoming>, Checkin), UpstreamError> {
+        #[cfg(feature = "bench-legacy-client")]
+        return legacy::send(self, req).await;
         // Reuse idle connections, most recent first. A closed one is dropped; one the
         // back end closed under us hands the request back unsent, and we go on.
         loop {
@@ -156,7 +166,7 @@ impl Upstream {
     fn checkin(self: &Arc<Self>, sender: SendRequest<Body>) -> Checkin {
         Checkin {
             upstream: Arc::clone(self),
-            sender,
+            sender: Some(sender),
         }
     }
 
@@ -184,5 +194,51 @@ impl Upstream {
             }
         });
         Ok(sender)
+    }
+}
+
+/// hyper-util's legacy pooled client, compiled only for the comparison benchmark.
+#[cfg(feature = "bench-legacy-client")]
+mod legacy {
+    use super::*;
+    use hyper_util::client::legacy::connect::HttpConnector;
+    use hyper_util::rt::TokioExecutor;
+
+    pub type Client = hyper_util::client::legacy::Client<HttpConnector, Body>;
+
+    pub fn client() -> Client {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
+        hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+            .pool_max_idle_per_host(MAX_IDLE_PER_BACKEND)
+            .build(connector)
+    }
+
+    pub async fn send(
+        up: &Arc<Upstream>,
+        mut req: Request<Body>,
+    ) -> Result<(Response<Incoming>, Checkin), UpstreamError> {
+        let pq = req.uri().path_and_query().map_or("/", |p| p.as_str());
+        let uri = format!("http://{}{}", up.addr, pq);
+        *req.uri_mut() = uri.parse().map_err(|_| UpstreamError::ConnectTimeout {
+            addr: up.addr,
+            timeout: CONNECT_TIMEOUT,
+        })?;
+        let resp = up
+            .legacy
+            .request(req)
+            .await
+            .map_err(|e| UpstreamError::Connect {
+                addr: up.addr,
+                source: std::io::Error::other(e),
+            })?;
+        Ok((
+            resp,
+            Checkin {
+                upstream: Arc::clone(up),
+                sender: None,
+            },
+        ))
     }
 }

@@ -109,14 +109,17 @@ fn classify(text: &str) -> AddrText<'_> {
             AddrText::Invalid(format!("{text:?} is not an address"))
         };
     };
-    if host.starts_with('[') || host.contains(':') {
-        return AddrText::Invalid(format!("{text:?} has an invalid IPv6 address"));
-    }
-    if !is_host_name(host) {
+    let literal = host.strip_prefix('[').and_then(|h| h.strip_suffix(']'));
+    if let Some(inner) = literal {
+        if Ipv6Addr::from_str(inner).is_err() {
+            return AddrText::Invalid(format!("{text:?} has an invalid IPv6 address"));
+        }
+    } else if !is_host_name(host) {
         return AddrText::Invalid(format!("{text:?} is not an address"));
     }
     match port.parse::<u16>() {
-        Ok(port) => AddrText::HostPort(host, port),
+        Ok(port) if literal.is_none() => AddrText::HostPort(host, port),
+        Ok(_) => AddrText::Invalid(format!("{text:?} is not an address")),
         Err(_) => AddrText::Invalid(format!("{text:?} has an invalid port {port:?}")),
     }
 }
@@ -254,44 +257,42 @@ pub(super) fn ip_net(errors: &mut Errors, path: &str, text: &str) -> Option<IpNe
 }
 
 /// A route's host: a lower-cased name (or IP literal) without port, or
-/// `*.suffix` for any name below `suffix`.
-pub(super) fn route_host(errors: &mut Errors, path: &str, text: &str) -> HostMatch {
+/// `*.suffix` for any name below `suffix`; `None` after reporting a bad one.
+pub(super) fn route_host(errors: &mut Errors, path: &str, text: &str) -> Option<HostMatch> {
     let host = text.to_ascii_lowercase();
-    let problem = if host.is_empty() {
-        Some(("is empty", "omit host to match every host"))
+    let (problem, hint) = if host.is_empty() {
+        ("is empty", "omit host to match every host")
     } else if host.chars().any(char::is_whitespace) {
-        Some(("contains spaces", "a host name has no spaces"))
+        ("contains spaces", "a host name has no spaces")
     } else if !host.is_ascii() {
-        Some((
+        (
             "is not ASCII",
             "write international names in their xn-- form",
-        ))
+        )
     } else if let Some(inner) = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
         if Ipv6Addr::from_str(inner).is_ok() {
-            return HostMatch::Exact(host);
+            return Some(HostMatch::Exact(host));
         }
-        Some(("is not a valid IPv6 literal", "e.g. \"[2001:db8::1]\""))
+        ("is not a valid IPv6 literal", "e.g. \"[2001:db8::1]\"")
     } else if host.contains(':') {
-        Some(("includes a port", "routes match the host without its port"))
+        ("includes a port", "routes match the host without its port")
     } else if let Some(suffix) = host.strip_prefix("*.") {
         if is_host_name(suffix) {
-            return HostMatch::Wildcard(format!(".{suffix}"));
+            return Some(HostMatch::Wildcard(format!(".{suffix}")));
         }
-        Some(("is not a valid wildcard", "e.g. \"*.example.org\""))
+        ("is not a valid wildcard", "e.g. \"*.example.org\"")
     } else if host.contains('*') {
-        Some((
+        (
             "has a wildcard that is not the whole first label",
             "e.g. \"*.example.org\"",
-        ))
+        )
     } else if is_host_name(&host) {
-        return HostMatch::Exact(host);
+        return Some(HostMatch::Exact(host));
     } else {
-        Some(("is not a valid host name", "e.g. \"blog.example.org\""))
+        ("is not a valid host name", "e.g. \"blog.example.org\"")
     };
-    if let Some((problem, hint)) = problem {
-        errors.push(ConfigError::new(path, format!("{text:?} {problem}")).with_hint(hint));
-    }
-    HostMatch::Any
+    errors.push(ConfigError::new(path, format!("{text:?} {problem}")).with_hint(hint));
+    None
 }
 
 /// A file path relative to `base_dir` (or absolute) that exists and is readable
@@ -431,15 +432,15 @@ mod tests {
     fn route_hosts() {
         let mut errors = Errors::new();
         assert_eq!(
-            route_host(&mut errors, "h", "Blog.Example.ORG"),
+            route_host(&mut errors, "h", "Blog.Example.ORG").expect("valid"),
             HostMatch::Exact("blog.example.org".into())
         );
         assert_eq!(
-            route_host(&mut errors, "h", "*.example.org"),
+            route_host(&mut errors, "h", "*.example.org").expect("valid"),
             HostMatch::Wildcard(".example.org".into())
         );
         assert_eq!(
-            route_host(&mut errors, "h", "[2001:db8::1]"),
+            route_host(&mut errors, "h", "[2001:db8::1]").expect("valid"),
             HostMatch::Exact("[2001:db8::1]".into())
         );
         assert!(errors.is_empty());

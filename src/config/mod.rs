@@ -243,3 +243,88 @@ fn one_line(message: &str) -> String {
         .collect::<Vec<_>>()
         .join("; ")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const VALID: &str = "[[listeners]]\nname = \"public\"\nbind = [\"[::1]:0\"]\n\
+                         [[routes]]\npool = \"blog\"\n\
+                         [pools.blog]\nbackends = [{ name = \"vm-1\", address = \"[2001:db8::10]:80\" }]\n";
+
+    fn parse_error(text: &str) -> String {
+        parse(text).err().map(|e| e.to_string()).unwrap_or_default()
+    }
+
+    #[test]
+    fn errors_display_as_path_problem_hint() {
+        let e = ConfigError::new("a.b[0]", "is wrong");
+        assert_eq!(e.to_string(), "a.b[0]: is wrong");
+        let e = e.with_hint("fix it");
+        assert_eq!(e.to_string(), "a.b[0]: is wrong (fix it)");
+        let all = ConfigErrors(vec![
+            ConfigError::new("x", "one"),
+            ConfigError::new("y", "two"),
+        ]);
+        assert_eq!(all.to_string(), "x: one\ny: two");
+        assert_eq!(all.len(), 2);
+    }
+
+    #[test]
+    fn unknown_keys_are_reported_with_their_path_and_line() {
+        let text = "[pools.blog]\nbackends = [\n  { name = \"a\", address = \"[::1]:80\", wieght = 3 },\n]\n";
+        assert_eq!(
+            parse_error(text),
+            "pools.blog.backends[0].wieght: unknown key (expected one of: name, address, weight, \
+             max_connections, served_by, backup; line 3)"
+        );
+        assert!(parse_error("bogus = 1\n")
+            .starts_with("bogus: unknown key (expected one of: shutdown_grace,"));
+        let tls =
+            "[[listeners]]\nname = \"a\"\nbind = [\"[::1]:1\"]\n[listeners.tls]\ncert = \"x\"\n";
+        assert_eq!(
+            parse_error(tls),
+            "listeners[0].tls: unknown key (expected one of: name, bind, redirect_https; line 4)"
+        );
+        assert!(parse_error("[pools.\"a.b\"]\nx = 1\n").starts_with("pools.\"a.b\".x: unknown key"));
+    }
+
+    #[test]
+    fn syntax_and_type_errors_are_one_line() {
+        assert_eq!(
+            parse_error("[pools.blog\n"),
+            "(syntax): invalid table header; expected `.`, `]` (line 1, column 12)"
+        );
+        assert_eq!(
+            parse_error("[pools.blog]\nqueue_depth = \"x\"\n"),
+            "pools.blog.queue_depth: invalid type: string \"x\", expected i64 (line 2)"
+        );
+    }
+
+    #[test]
+    fn load_file_resolves_relative_paths_against_the_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("launchday.toml");
+        std::fs::write(dir.path().join("m.html"), "down").expect("write");
+        std::fs::write(&file, format!("{VALID}[maintenance]\npage = \"m.html\"\n")).expect("write");
+        let s = load_file(&file).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(s.source, Some(file.clone()));
+        assert_eq!(s.maintenance.page, Some(dir.path().join("m.html")));
+
+        let missing = dir.path().join("nope.toml");
+        let e = load_file(&missing).expect_err("missing file");
+        assert_eq!(e.len(), 1);
+        assert_eq!(e.0[0].path, "(file)");
+        assert!(e.0[0]
+            .problem
+            .starts_with(&format!("cannot read {}", missing.display())));
+    }
+
+    #[test]
+    fn load_str_validates() {
+        assert!(load_str(VALID, Path::new("."), None).is_ok());
+        let e = load_str("", Path::new("."), None).expect_err("empty config");
+        let paths: Vec<&str> = e.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(paths, ["listeners", "routes"]);
+    }
+}

@@ -4,39 +4,24 @@
 //! (its default, or the entry is dropped) so that checking can go on; placeholders
 //! never escape because any error means no `Snapshot`.
 
-use std::collections::{BTreeMap, HashMap};
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use http::HeaderValue;
-
-use super::fields::{self, key_segment, Errors, Zero};
-use super::model::{
-    AdminConfig, BackendConfig, HealthCheckConfig, LimitsConfig, ListenerConfig, MaintenanceConfig,
-    PoolConfig, RootConfig, RouteConfig,
-};
+use super::fields::{self, Errors, Zero};
+use super::model::{LimitsConfig, MaintenanceConfig, PoolConfig, RootConfig, RouteConfig};
 use super::{
-    AdminSpec, BackendSpec, Class, ConfigError, ConfigErrors, HealthCheckSpec, HostMatch,
-    LimitsSpec, ListenerSpec, MaintenanceSpec, PoolSpec, RouteSpec, Snapshot,
+    Class, ConfigError, ConfigErrors, HostMatch, LimitsSpec, MaintenanceSpec, RouteSpec, Snapshot,
 };
+
+mod listeners;
+mod pools;
 
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 const MAX_THREADS: i64 = 4096;
-const ADMIN_LISTEN: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::LOCALHOST), 9090);
-const QUEUE_DEPTH: usize = 1024;
-const QUEUE_TIMEOUT: Duration = Duration::from_secs(1);
-const WEIGHT: u32 = 1;
-const MAX_WEIGHT: i64 = 1_000_000;
-const CHECK_INTERVAL: Duration = Duration::from_secs(2);
-const CHECK_TIMEOUT: Duration = Duration::from_secs(1);
-const RISE: u32 = 2;
-const FALL: u32 = 3;
 const RETRY_AFTER: Duration = Duration::from_secs(30);
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
-/// Stands in for an invalid back-end address while checking goes on.
-const NO_ADDR: SocketAddr = SocketAddr::new(std::net::IpAddr::V6(Ipv6Addr::UNSPECIFIED), 0);
 
 /// Checks `raw` and turns it into a [`Snapshot`], or reports every problem.
 ///
@@ -61,16 +46,21 @@ pub fn validate(
         None => std::thread::available_parallelism().map_or(1, usize::from),
     };
     let allow_ipv4_backends = raw.allow_ipv4_backends.unwrap_or(false);
-    let trusted_proxies = (raw.trusted_proxies.unwrap_or_default().iter().enumerate())
+    let trusted_proxies = raw
+        .trusted_proxies
+        .unwrap_or_default()
+        .iter()
+        .enumerate()
         .filter_map(|(i, text)| fields::ip_net(e, &format!("trusted_proxies[{i}]"), text))
         .collect();
-    let mut binds = Binds::default();
-    let admin = admin(e, raw.admin.unwrap_or_default(), &mut binds);
-    let listeners = listeners(e, raw.listeners.unwrap_or_default(), &mut binds);
+    let mut binds = listeners::Binds::default();
+    let admin = listeners::admin(e, raw.admin.unwrap_or_default(), &mut binds);
+    let listeners = listeners::listeners(e, raw.listeners.unwrap_or_default(), &mut binds);
     let raw_pools = raw.pools.unwrap_or_default();
     let routes = routes(e, raw.routes.unwrap_or_default(), &raw_pools);
-    let pools = (raw_pools.into_iter())
-        .map(|(name, pool)| pool_spec(e, name, pool, allow_ipv4_backends))
+    let pools = raw_pools
+        .into_iter()
+        .map(|(name, pool)| pools::pool_spec(e, name, pool, allow_ipv4_backends))
         .collect();
     let maintenance = maintenance(e, raw.maintenance.unwrap_or_default(), base_dir);
     let limits = limits(e, raw.limits.unwrap_or_default());
@@ -91,127 +81,6 @@ pub fn validate(
         maintenance,
         limits,
     })
-}
-
-/// Every address bound so far, with the key path that bound it.
-#[derive(Default)]
-struct Binds(Vec<(SocketAddr, String)>);
-
-impl Binds {
-    /// Records `addr`, or reports that it is taken: the same address, or the same
-    /// port of the same family where either is the wildcard address (Linux refuses
-    /// that bind). Port 0 (any free port) never collides.
-    fn claim(&mut self, errors: &mut Errors, path: String, addr: SocketAddr) -> bool {
-        let clash = self.0.iter().find(|(other, _)| {
-            *other == addr
-                || (addr.port() != 0
-                    && other.port() == addr.port()
-                    && other.is_ipv4() == addr.is_ipv4()
-                    && (other.ip().is_unspecified() || addr.ip().is_unspecified()))
-        });
-        match clash {
-            Some((other, other_path)) if *other == addr => {
-                errors.push(ConfigError::new(
-                    path,
-                    format!("{addr} is already bound by {other_path}"),
-                ));
-                false
-            }
-            Some((other, other_path)) => {
-                errors.push(
-                    ConfigError::new(
-                        path,
-                        format!("{addr} overlaps {other} bound by {other_path}"),
-                    )
-                    .with_hint("a wildcard address takes the port on every address of its family"),
-                );
-                false
-            }
-            None => {
-                self.0.push((addr, path));
-                true
-            }
-        }
-    }
-}
-
-fn admin(e: &mut Errors, raw: AdminConfig, binds: &mut Binds) -> AdminSpec {
-    let Some(texts) = raw.listen else {
-        binds.claim(
-            e,
-            format!("admin.listen (default {ADMIN_LISTEN})"),
-            ADMIN_LISTEN,
-        );
-        return AdminSpec {
-            listen: vec![ADMIN_LISTEN],
-        };
-    };
-    let mut listen = Vec::new();
-    for (i, text) in texts.iter().enumerate() {
-        let path = format!("admin.listen[{i}]");
-        if let Some(addr) = fields::listen_addr(e, &path, text) {
-            if binds.claim(e, path, addr) {
-                listen.push(addr);
-            }
-        }
-    }
-    AdminSpec { listen }
-}
-
-fn listeners(e: &mut Errors, raw: Vec<ListenerConfig>, binds: &mut Binds) -> Vec<ListenerSpec> {
-    if raw.is_empty() {
-        e.push(
-            ConfigError::new("listeners", "no listeners")
-                .with_hint("add a [[listeners]] table with a name and bind addresses"),
-        );
-    }
-    let mut first_at: HashMap<String, usize> = HashMap::new();
-    let mut specs = Vec::new();
-    for (i, listener) in raw.into_iter().enumerate() {
-        // Errors inside a listener are reported under its name once that is known
-        // to be unique (`listeners.public.bind[1]`), else under its index.
-        let mut label = format!("listeners[{i}]");
-        let name = listener.name.unwrap_or_default();
-        if name.is_empty() {
-            e.push(
-                ConfigError::new(format!("{label}.name"), "missing or empty")
-                    .with_hint("every listener needs a unique name, e.g. name = \"public\""),
-            );
-        } else if let Some(first) = first_at.get(&name) {
-            e.push(
-                ConfigError::new(
-                    format!("{label}.name"),
-                    format!("duplicate listener name {name:?}"),
-                )
-                .with_hint(format!("first at listeners[{first}]")),
-            );
-        } else {
-            first_at.insert(name.clone(), i);
-            label = format!("listeners.{}", key_segment(&name));
-        }
-        let texts = listener.bind.unwrap_or_default();
-        if texts.is_empty() {
-            e.push(
-                ConfigError::new(format!("{label}.bind"), "no addresses")
-                    .with_hint("e.g. bind = [\"[::]:8080\", \"0.0.0.0:8080\"]"),
-            );
-        }
-        let mut bind = Vec::new();
-        for (j, text) in texts.iter().enumerate() {
-            let path = format!("{label}.bind[{j}]");
-            if let Some(addr) = fields::listen_addr(e, &path, text) {
-                if binds.claim(e, path, addr) {
-                    bind.push(addr);
-                }
-            }
-        }
-        specs.push(ListenerSpec {
-            name,
-            bind,
-            redirect_https: listener.redirect_https.unwrap_or(false),
-        });
-    }
-    specs
 }
 
 fn routes(
@@ -237,8 +106,10 @@ fn routes(
         let at = format!("routes[{i}]");
         let host = match &route.host {
             Some(text) => fields::route_host(e, &format!("{at}.host"), text),
-            None => HostMatch::Any,
+            None => Some(HostMatch::Any),
         };
+        let host_ok = host.is_some();
+        let host = host.unwrap_or(HostMatch::Any);
         let path_prefix = route.path_prefix.unwrap_or_else(|| "/".to_owned());
         if !path_prefix.starts_with('/') {
             e.push(
@@ -286,10 +157,10 @@ fn routes(
                 None
             }
         };
-        if let Some((.., first)) = seen
+        let duplicate = seen
             .iter()
-            .find(|(h, p, _)| *h == host && *p == path_prefix)
-        {
+            .find(|(h, p, _)| host_ok && *h == host && *p == path_prefix);
+        if let Some((.., first)) = duplicate {
             let host = match &host {
                 HostMatch::Any => "any host".to_owned(),
                 HostMatch::Exact(h) => format!("host {h:?}"),
@@ -302,7 +173,7 @@ fn routes(
                 )
                 .with_hint(format!("first at routes[{first}]")),
             );
-        } else {
+        } else if host_ok {
             seen.push((host.clone(), path_prefix.clone(), i));
         }
         specs.push(RouteSpec {
@@ -315,200 +186,11 @@ fn routes(
     specs
 }
 
-fn pool_spec(e: &mut Errors, name: String, raw: PoolConfig, allow_ipv4: bool) -> PoolSpec {
-    let at = format!("pools.{}", key_segment(&name));
-    let label_safe = |c: char| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-');
-    if name.is_empty() || !name.chars().all(label_safe) {
-        e.push(
-            ConfigError::new(&at, format!("invalid pool name {name:?}")).with_hint(
-                "use letters, digits, '_', '.' and '-' only: pool names are metric label values",
-            ),
-        );
-    }
-    let queue_depth = match raw.queue_depth {
-        Some(n) => fields::int_in(e, &format!("{at}.queue_depth"), n, 0, u32::MAX.into(), None),
-        None => Some(QUEUE_DEPTH),
-    };
-    let queue_timeout = fields::duration(
-        e,
-        &format!("{at}.queue_timeout"),
-        raw.queue_timeout.as_deref(),
-        QUEUE_TIMEOUT,
-        Zero::Allowed,
-    );
-    let maintenance = raw.maintenance.unwrap_or(false);
-    let raw_backends = raw.backends.unwrap_or_default();
-    if raw_backends.is_empty() && !maintenance {
-        e.push(
-            ConfigError::new(format!("{at}.backends"), "no back ends")
-                .with_hint("add one, or set maintenance = true"),
-        );
-    }
-    let mut first_at: HashMap<String, usize> = HashMap::new();
-    let mut backends = Vec::new();
-    for (i, backend) in raw_backends.into_iter().enumerate() {
-        let spec = backend_spec(e, &format!("{at}.backends[{i}]"), backend, allow_ipv4);
-        if !spec.name.is_empty() {
-            if let Some(first) = first_at.get(&spec.name) {
-                e.push(
-                    ConfigError::new(
-                        format!("{at}.backends[{i}].name"),
-                        format!("duplicate back-end name {:?}", spec.name),
-                    )
-                    .with_hint(format!("first at backends[{first}]")),
-                );
-            } else {
-                first_at.insert(spec.name.clone(), i);
-            }
-        }
-        backends.push(spec);
-    }
-    let health_check = raw
-        .health_check
-        .map(|raw| health_check(e, &format!("{at}.health_check"), raw));
-    PoolSpec {
-        name,
-        queue_depth: queue_depth.unwrap_or(QUEUE_DEPTH),
-        queue_timeout,
-        maintenance,
-        backends,
-        health_check,
-    }
-}
-
-fn backend_spec(e: &mut Errors, at: &str, raw: BackendConfig, allow_ipv4: bool) -> BackendSpec {
-    let name = raw.name.unwrap_or_default();
-    if name.is_empty() {
-        e.push(
-            ConfigError::new(format!("{at}.name"), "missing or empty")
-                .with_hint("every back end needs a name, unique within its pool"),
-        );
-    }
-    let address_text = raw.address.unwrap_or_default();
-    let address = if address_text.is_empty() {
-        e.push(
-            ConfigError::new(format!("{at}.address"), "missing or empty")
-                .with_hint("e.g. address = \"[2001:db8::10]:80\""),
-        );
-        None
-    } else {
-        fields::backend_addr(e, &format!("{at}.address"), &address_text, allow_ipv4)
-    };
-    let weight = match raw.weight {
-        Some(w) => fields::int_in(
-            e,
-            &format!("{at}.weight"),
-            w,
-            0,
-            MAX_WEIGHT,
-            Some("weights are relative; 0 drains the back end"),
-        ),
-        None => Some(WEIGHT),
-    };
-    let max_connections = raw.max_connections.and_then(|n| {
-        fields::int_in(
-            e,
-            &format!("{at}.max_connections"),
-            n,
-            1,
-            u32::MAX.into(),
-            Some("omit it for unlimited, or set weight = 0 to drain"),
-        )
-    });
-    let served_by = raw
-        .served_by
-        .and_then(|text| match HeaderValue::from_str(&text) {
-            Ok(value) => Some(value),
-            Err(_) => {
-                e.push(
-                    ConfigError::new(
-                        format!("{at}.served_by"),
-                        format!("{text:?} is not a valid HTTP header value"),
-                    )
-                    .with_hint("no control characters or line breaks"),
-                );
-                None
-            }
-        });
-    BackendSpec {
-        name,
-        address_text,
-        address: address.unwrap_or(NO_ADDR),
-        weight: weight.unwrap_or(WEIGHT),
-        max_connections,
-        served_by,
-        backup: raw.backup.unwrap_or(false),
-    }
-}
-
-fn health_check(e: &mut Errors, at: &str, raw: HealthCheckConfig) -> HealthCheckSpec {
-    let path = match raw.path {
-        None => {
-            e.push(
-                ConfigError::new(format!("{at}.path"), "missing")
-                    .with_hint("e.g. path = \"/health\""),
-            );
-            "/".to_owned()
-        }
-        Some(path) if !path.starts_with('/') || path.contains(char::is_whitespace) => {
-            e.push(
-                ConfigError::new(
-                    format!("{at}.path"),
-                    format!("{path:?} is not a path starting with '/'"),
-                )
-                .with_hint("e.g. path = \"/health\""),
-            );
-            path
-        }
-        Some(path) => path,
-    };
-    let errors_before = e.len();
-    let interval = fields::duration(
-        e,
-        &format!("{at}.interval"),
-        raw.interval.as_deref(),
-        CHECK_INTERVAL,
-        Zero::Forbidden,
-    );
-    let timeout = fields::duration(
-        e,
-        &format!("{at}.timeout"),
-        raw.timeout.as_deref(),
-        CHECK_TIMEOUT,
-        Zero::Forbidden,
-    );
-    if e.len() == errors_before && timeout > interval {
-        e.push(
-            ConfigError::new(
-                format!("{at}.timeout"),
-                format!(
-                    "{} is longer than interval {}",
-                    humantime::format_duration(timeout),
-                    humantime::format_duration(interval)
-                ),
-            )
-            .with_hint("a check must finish before the next one starts"),
-        );
-    }
-    let mut count = |key: &str, value: Option<i64>, default: u32| match value {
-        Some(n) => fields::int_in(e, &format!("{at}.{key}"), n, 1, u32::MAX.into(), None)
-            .unwrap_or(default),
-        None => default,
-    };
-    let rise = count("rise", raw.rise, RISE);
-    let fall = count("fall", raw.fall, FALL);
-    HealthCheckSpec {
-        path,
-        interval,
-        timeout,
-        rise,
-        fall,
-    }
-}
-
 fn maintenance(e: &mut Errors, raw: MaintenanceConfig, base_dir: &Path) -> MaintenanceSpec {
     MaintenanceSpec {
-        page: (raw.page).and_then(|file| fields::text_file(e, "maintenance.page", &file, base_dir)),
+        page: raw
+            .page
+            .and_then(|file| fields::text_file(e, "maintenance.page", &file, base_dir)),
         retry_after: fields::duration(
             e,
             "maintenance.retry_after",
@@ -536,5 +218,251 @@ fn limits(e: &mut Errors, raw: LimitsConfig) -> LimitsSpec {
             IDLE_TIMEOUT,
             Zero::Forbidden,
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::{IpAddr, SocketAddr};
+
+    use super::*;
+    use crate::config::load_str;
+
+    /// The parts of a minimal valid config, for tests to combine and replace.
+    pub(super) const LISTENER: &str = "[[listeners]]\nname = \"public\"\nbind = [\"[::1]:0\"]\n";
+    pub(super) const ROUTE: &str = "[[routes]]\npool = \"blog\"\n";
+    pub(super) const POOL: &str =
+        "[pools.blog]\nbackends = [{ name = \"vm-1\", address = \"[2001:db8::10]:80\" }]\n";
+
+    pub(super) fn load(text: &str) -> Result<Snapshot, ConfigErrors> {
+        load_str(text, Path::new("/nonexistent"), None)
+    }
+
+    pub(super) fn valid(text: &str) -> Snapshot {
+        load(text).unwrap_or_else(|e| panic!("expected a valid config, got:\n{e}\n---\n{text}"))
+    }
+
+    /// Every error, displayed.
+    pub(super) fn errors(text: &str) -> Vec<String> {
+        match load(text) {
+            Ok(_) => panic!("expected errors for:\n{text}"),
+            Err(e) => e.iter().map(ToString::to_string).collect(),
+        }
+    }
+
+    /// The only error, displayed.
+    pub(super) fn error(text: &str) -> String {
+        let all = errors(text);
+        assert_eq!(all.len(), 1, "{all:#?}");
+        all[0].clone()
+    }
+
+    pub(super) fn paths(text: &str) -> Vec<String> {
+        load(text)
+            .err()
+            .map(|e| e.into_iter().map(|e| e.path).collect())
+            .unwrap_or_default()
+    }
+
+    #[test]
+    fn a_minimal_config_gets_every_default() {
+        let s = valid(&format!("{LISTENER}{ROUTE}{POOL}"));
+        assert_eq!(s.source, None);
+        assert_eq!(s.shutdown_grace, Duration::from_secs(10));
+        assert_eq!(
+            s.threads,
+            std::thread::available_parallelism().map_or(1, usize::from)
+        );
+        assert!(s.threads >= 1);
+        assert!(!s.allow_ipv4_backends);
+        assert!(s.trusted_proxies.is_empty());
+        assert_eq!(s.admin.listen, vec![listeners::ADMIN_LISTEN]);
+        assert_eq!(s.listeners.len(), 1);
+        assert_eq!(s.listeners[0].name, "public");
+        assert_eq!(
+            s.listeners[0].bind,
+            vec!["[::1]:0".parse::<SocketAddr>().expect("addr")]
+        );
+        assert!(!s.listeners[0].redirect_https);
+        assert_eq!(s.routes.len(), 1);
+        assert_eq!(s.routes[0].host, HostMatch::Any);
+        assert_eq!(s.routes[0].path_prefix, "/");
+        assert_eq!(s.routes[0].pool, 0);
+        assert_eq!(s.routes[0].class, None);
+        assert_eq!(s.pool_index("blog"), Some(0));
+        assert_eq!(s.maintenance.page, None);
+        assert_eq!(s.maintenance.retry_after, Duration::from_secs(30));
+        assert_eq!(s.maintenance.analytics, "");
+        assert_eq!(s.limits.header_timeout, Duration::from_secs(10));
+        assert_eq!(s.limits.idle_timeout, Duration::from_secs(60));
+    }
+
+    #[test]
+    fn top_level_values_are_parsed() {
+        let top = "shutdown_grace = \"1m 30s\"\nthreads = 3\nallow_ipv4_backends = true\n\
+                   trusted_proxies = [\"10.1.2.3/8\", \"2001:db8::1\"]\n";
+        let s = valid(&format!("{top}{LISTENER}{ROUTE}{POOL}"));
+        assert_eq!(s.shutdown_grace, Duration::from_secs(90));
+        assert_eq!(s.threads, 3);
+        assert!(s.allow_ipv4_backends);
+        let proxies: Vec<String> = s.trusted_proxies.iter().map(ToString::to_string).collect();
+        assert_eq!(proxies, ["10.0.0.0/8", "2001:db8::1/128"]);
+    }
+
+    #[test]
+    fn bad_top_level_values_are_reported_at_their_keys() {
+        let top = "shutdown_grace = \"soon\"\nthreads = 0\ntrusted_proxies = [\"::1\", \"10.0.0.0/33\"]\n";
+        assert_eq!(
+            errors(&format!("{top}{LISTENER}{ROUTE}{POOL}")),
+            [
+                "shutdown_grace: \"soon\" is not a duration (use e.g. \"2s\", \"500ms\")",
+                "threads: 0 is less than 1",
+                "trusted_proxies[1]: \"10.0.0.0/33\" is not an IP network (use a CIDR such as \
+                 \"2001:db8::/32\" or a bare IP such as \"10.0.0.1\")",
+            ]
+        );
+    }
+
+    #[test]
+    fn routes_are_parsed() {
+        let routes = "[[routes]]\nhost = \"Forums.Example.ORG\"\npool = \"forums\"\nclass = \"write\"\n\
+                      [[routes]]\nhost = \"*.example.org\"\npath_prefix = \"/blog/\"\npool = \"blog\"\nclass = \"read\"\n";
+        let forums = "[pools.forums]\nmaintenance = true\n";
+        let s = valid(&format!("{LISTENER}{routes}{POOL}{forums}"));
+        assert_eq!(
+            s.routes[0].host,
+            HostMatch::Exact("forums.example.org".into())
+        );
+        assert_eq!(s.routes[0].pool, 1);
+        assert_eq!(s.routes[0].class, Some(Class::Write));
+        assert_eq!(s.routes[1].host, HostMatch::Wildcard(".example.org".into()));
+        assert_eq!(s.routes[1].path_prefix, "/blog/");
+        assert_eq!(s.routes[1].pool, 0);
+        assert_eq!(s.routes[1].class, Some(Class::Read));
+    }
+
+    #[test]
+    fn a_route_must_name_an_existing_pool() {
+        let routes = "[[routes]]\npool = \"blog\"\n[[routes]]\nhost = \"a.example.org\"\npool = \"forums\"\n\
+                      [[routes]]\nhost = \"b.example.org\"\npool = \"forum\"\n[[routes]]\nhost = \"c.example.org\"\n";
+        let forums = "[pools.forums]\nmaintenance = true\n";
+        let all = errors(&format!("{LISTENER}{routes}{POOL}{forums}"));
+        assert_eq!(
+            all,
+            [
+                "routes[2].pool: no pool named \"forum\" (pools: blog, forums)",
+                "routes[3].pool: missing (pools: blog, forums)",
+            ]
+        );
+        let e = error(&format!("{LISTENER}{ROUTE}"));
+        assert_eq!(e, "routes[0].pool: no pool named \"blog\" (no pools are defined; add a [pools.NAME] table)");
+    }
+
+    #[test]
+    fn bad_routes_are_reported_at_their_keys() {
+        let routes = "[[routes]]\nhost = \"blog.example.org:443\"\npool = \"blog\"\n\
+                      [[routes]]\nhost = \"a.*.org\"\npool = \"blog\"\n\
+                      [[routes]]\npath_prefix = \"blog\"\npool = \"blog\"\n\
+                      [[routes]]\npath_prefix = \"/a b\"\npool = \"blog\"\nclass = \"delete\"\n\
+                      [[routes]]\nhost = \"x.org\"\npool = \"blog\"\n[[routes]]\nhost = \"X.org\"\npool = \"blog\"\n";
+        let all = errors(&format!("{LISTENER}{routes}{POOL}"));
+        assert_eq!(all.len(), 6, "{all:#?}");
+        assert!(all[0].starts_with("routes[0].host: \"blog.example.org:443\" includes a port"));
+        assert!(all[1].starts_with("routes[1].host: \"a.*.org\" has a wildcard"));
+        assert_eq!(
+            all[2],
+            "routes[2].path_prefix: \"blog\" does not start with '/' (e.g. \"/blog\")"
+        );
+        assert!(all[3].starts_with("routes[3].path_prefix: \"/a b\" is not a plain path"));
+        assert_eq!(
+            all[4],
+            "routes[3].class: \"delete\" is not a class (expected \"read\" or \"write\")"
+        );
+        assert_eq!(all[5], "routes[5]: duplicate route for host \"x.org\" and path_prefix \"/\" (first at routes[4])");
+    }
+
+    #[test]
+    fn zero_routes_is_an_error() {
+        assert_eq!(
+            error(&format!("{LISTENER}{POOL}")),
+            "routes: no routes: every request would get 404 (add a [[routes]] table naming a pool)"
+        );
+    }
+
+    #[test]
+    fn the_maintenance_page_is_resolved_against_base_dir_and_must_exist() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("maint.html"), "<p>{{analytics}}</p>").expect("write");
+        let base = format!("{LISTENER}{ROUTE}{POOL}");
+        let text = format!("{base}[maintenance]\npage = \"maint.html\"\nretry_after = \"2m\"\nanalytics = \"<i></i>\"\n");
+        let s =
+            load_str(&text, dir.path(), Some(dir.path().join("launchday.toml"))).expect("valid");
+        assert_eq!(s.maintenance.page, Some(dir.path().join("maint.html")));
+        assert_eq!(s.maintenance.retry_after, Duration::from_secs(120));
+        assert_eq!(s.maintenance.analytics, "<i></i>");
+        assert_eq!(s.source, Some(dir.path().join("launchday.toml")));
+
+        let absolute = dir.path().join("maint.html");
+        let text = format!(
+            "{base}[maintenance]\npage = {:?}\n",
+            absolute.display().to_string()
+        );
+        valid(&text);
+
+        let text = format!("{base}[maintenance]\npage = \"missing.html\"\n");
+        let e = load_str(&text, dir.path(), None).expect_err("missing page");
+        let missing = dir.path().join("missing.html");
+        assert_eq!(
+            e.to_string(),
+            format!("maintenance.page: {} does not exist", missing.display())
+        );
+    }
+
+    #[test]
+    fn limits_must_be_positive_durations() {
+        let text = format!("{LISTENER}{ROUTE}{POOL}[limits]\nheader_timeout = \"0s\"\nidle_timeout = \"5 minutes\"\n");
+        assert_eq!(
+            error(&text),
+            "limits.header_timeout: must be more than 0 (e.g. \"1s\")"
+        );
+        let text = format!("{LISTENER}{ROUTE}{POOL}[limits]\nheader_timeout = \"5s\"\nidle_timeout = \"5 minutes\"\n");
+        let s = valid(&text);
+        assert_eq!(s.limits.header_timeout, Duration::from_secs(5));
+        assert_eq!(s.limits.idle_timeout, Duration::from_secs(300));
+    }
+
+    #[test]
+    fn every_error_is_reported_at_once() {
+        let text = "threads = -1\n[[listeners]]\nname = \"a\"\nbind = [\"nope\"]\n\
+                    [[routes]]\npool = \"missing\"\n\
+                    [pools.blog]\nqueue_timeout = \"2 parsecs\"\nbackends = [\
+                    { name = \"a\", address = \"10.0.0.7:80\" }, { name = \"a\", address = \"[2001:db8::1]:80\", weight = -3 }]\n\
+                    [pools.empty]\n[limits]\nidle_timeout = \"x\"\n";
+        assert_eq!(
+            paths(text),
+            [
+                "threads",
+                "listeners.a.bind[0]",
+                "routes[0].pool",
+                "pools.blog.queue_timeout",
+                "pools.blog.backends[0].address",
+                "pools.blog.backends[1].weight",
+                "pools.blog.backends[1].name",
+                "pools.empty.backends",
+                "limits.idle_timeout",
+            ]
+        );
+    }
+
+    #[test]
+    fn the_example_config_is_valid() {
+        let example = concat!(env!("CARGO_MANIFEST_DIR"), "/config/launchday.toml");
+        if let Ok(text) = std::fs::read_to_string(example) {
+            let s = load_str(&text, Path::new("."), None).unwrap_or_else(|e| panic!("{e}"));
+            assert!(s.listeners[0]
+                .bind
+                .iter()
+                .any(|a| a.ip() == IpAddr::from([0, 0, 0, 0])));
+        }
     }
 }
