@@ -1,14 +1,17 @@
-//! The admin listener: `/metrics` (Prometheus text format 0.0.4).
+//! The admin listener: `GET /metrics` (Prometheus text format 0.0.4) and
+//! `POST /api/pools/{pool}/maintenance` with the body `on` or `off`.
 //!
 //! Served only on the `[admin] listen` addresses (loopback by default), never on a
-//! public listener. Later issues add `/status`, `/api/status`, `/api/reload` and the
-//! maintenance switch here.
+//! public listener. Later issues add `/status`, `/api/status` and `/api/reload`.
+//! The maintenance switch lasts until the pool is rebuilt by a reload.
 
 use std::convert::Infallible;
 use std::sync::Arc;
 
 use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
@@ -17,10 +20,15 @@ use tokio::net::TcpListener;
 use crate::body::Body;
 use crate::proxy::{local, Proxy};
 
+/// Largest admin request body read (the maintenance switch needs three bytes).
+const MAX_BODY: usize = 1024;
+
 /// Answers one admin request.
-pub fn handle<B>(proxy: &Proxy, req: &Request<B>) -> Response<Body> {
-    match (req.method(), req.uri().path()) {
-        (&Method::GET, "/metrics") => {
+pub async fn handle(proxy: &Proxy, req: Request<Incoming>) -> Response<Body> {
+    let path = req.uri().path().to_owned();
+    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    match (req.method(), segments.as_slice()) {
+        (&Method::GET, ["metrics"]) => {
             let mut resp = Response::new(Body::full(proxy.metrics().render()));
             resp.headers_mut().insert(
                 header::CONTENT_TYPE,
@@ -28,10 +36,42 @@ pub fn handle<B>(proxy: &Proxy, req: &Request<B>) -> Response<Body> {
             );
             resp
         }
-        (_, "/metrics") => local(
+        (&Method::POST, ["api", "pools", pool, "maintenance"]) => {
+            let pool = (*pool).to_owned();
+            let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
+                Ok(b) => b.to_bytes(),
+                Err(_) => return text(StatusCode::PAYLOAD_TOO_LARGE, "body too large\n".into()),
+            };
+            let on = match body.trim_ascii() {
+                b"on" => true,
+                b"off" => false,
+                _ => {
+                    return text(
+                        StatusCode::BAD_REQUEST,
+                        "the body must be `on` or `off`\n".into(),
+                    )
+                }
+            };
+            let live = proxy.live();
+            match live.pools.iter().find(|p| p.name() == pool) {
+                Some(p) => {
+                    p.set_maintenance(on);
+                    tracing::info!(pool = %pool, on, "manual maintenance switched");
+                    text(
+                        StatusCode::OK,
+                        format!(
+                            "pool {pool}: maintenance {}\n",
+                            if on { "on" } else { "off" }
+                        ),
+                    )
+                }
+                None => text(StatusCode::NOT_FOUND, format!("no pool named {pool:?}\n")),
+            }
+        }
+        (_, ["metrics"]) | (_, ["api", "pools", _, "maintenance"]) => local(
             StatusCode::METHOD_NOT_ALLOWED,
             "method_not_allowed",
-            "Use GET.\n",
+            "Wrong method for this path.\n",
         ),
         _ => local(
             StatusCode::NOT_FOUND,
@@ -39,6 +79,16 @@ pub fn handle<B>(proxy: &Proxy, req: &Request<B>) -> Response<Body> {
             "Not found. Try /metrics.\n",
         ),
     }
+}
+
+fn text(status: StatusCode, body: String) -> Response<Body> {
+    let mut resp = Response::new(Body::full(body));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
 }
 
 /// Serves the admin API on `listener` until `stop` changes.
@@ -59,8 +109,8 @@ pub async fn serve(
         };
         let proxy = Arc::clone(&proxy);
         let svc = service_fn(move |req| {
-            let resp = handle(&proxy, &req);
-            async move { Ok::<_, Infallible>(resp) }
+            let proxy = Arc::clone(&proxy);
+            async move { Ok::<_, Infallible>(handle(&proxy, req).await) }
         });
         tokio::spawn(async move {
             let _ = http1::Builder::new()

@@ -30,6 +30,8 @@ static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection"
 /// Per-connection facts the rewrite needs, computed once at accept.
 #[derive(Debug, Clone)]
 pub struct Forwarded {
+    /// The peer's IP (IPv4-mapped addresses as IPv4).
+    pub peer: std::net::IpAddr,
     /// The peer's IP as a header value (no port).
     pub peer_ip: HeaderValue,
     /// Whether the peer is in `trusted_proxies`.
@@ -118,6 +120,7 @@ mod tests {
 
     fn fwd(trusted: bool) -> Forwarded {
         Forwarded {
+            peer: "2001:db8::7".parse().expect("ip"),
             peer_ip: HeaderValue::from_static("2001:db8::7"),
             trusted,
             proto: HeaderValue::from_static("http"),

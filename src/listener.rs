@@ -95,6 +95,7 @@ pub async fn serve(
         let _ = stream.set_nodelay(true);
         let peer_ip = peer.ip().to_canonical();
         let fwd = Arc::new(Forwarded {
+            peer: peer_ip,
             // An IP address always formats as a valid header value.
             peer_ip: HeaderValue::from_str(&peer_ip.to_string())
                 .unwrap_or_else(|_| HeaderValue::from_static("unknown")),

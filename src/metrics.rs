@@ -6,6 +6,11 @@
 //! Labels are bounded: pool and back-end names come from the config, `code` is one of
 //! five classes; never a path or a client address. Units are base units (seconds).
 
+use std::sync::Arc;
+
+use crate::config::Class;
+use crate::hll::HyperLogLog;
+use crate::pool::Shed;
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
@@ -31,6 +36,13 @@ pub struct Metrics {
     duration: HistogramVec,
     backend_weight: IntGaugeVec,
     backend_in_flight: IntGaugeVec,
+    shed: IntCounterVec,
+    queue_depth: IntGaugeVec,
+    queue_wait: HistogramVec,
+    maintenance_pages: IntCounterVec,
+    beacons: IntCounter,
+    unique_visitors: IntGauge,
+    visitors: Arc<HyperLogLog>,
 }
 
 impl Metrics {
@@ -68,16 +80,72 @@ impl Metrics {
             ),
             &["pool", "backend"],
         )?;
-        registry.register(Box::new(requests.clone()))?;
-        registry.register(Box::new(duration.clone()))?;
-        registry.register(Box::new(backend_weight.clone()))?;
-        registry.register(Box::new(backend_in_flight.clone()))?;
+        let shed = IntCounterVec::new(
+            Opts::new(
+                "launchday_shed_total",
+                "Requests answered with the maintenance page, by pool, reason and class.",
+            ),
+            &["pool", "reason", "class"],
+        )?;
+        let queue_depth = IntGaugeVec::new(
+            Opts::new(
+                "launchday_queue_depth",
+                "Requests waiting in each pool's queue.",
+            ),
+            &["pool"],
+        )?;
+        let queue_wait = HistogramVec::new(
+            HistogramOpts::new(
+                "launchday_queue_wait_seconds",
+                "Time requests spent in a pool's queue (served, timed out or displaced).",
+            )
+            .buckets(vec![
+                0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0,
+            ]),
+            &["pool"],
+        )?;
+        let maintenance_pages = IntCounterVec::new(
+            Opts::new(
+                "launchday_maintenance_pages_total",
+                "Maintenance pages served, by pool.",
+            ),
+            &["pool"],
+        )?;
+        let beacons = IntCounter::new(
+            "launchday_maintenance_beacons_total",
+            "First-party beacons fired by maintenance pages that a browser rendered.",
+        )?;
+        let unique_visitors = IntGauge::new(
+            "launchday_maintenance_unique_visitors",
+            "Estimated distinct client addresses that were served the maintenance page (HyperLogLog, about 1% error).",
+        )?;
+        for c in [
+            Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(duration.clone()),
+            Box::new(backend_weight.clone()),
+            Box::new(backend_in_flight.clone()),
+            Box::new(shed.clone()),
+            Box::new(queue_depth.clone()),
+            Box::new(queue_wait.clone()),
+            Box::new(maintenance_pages.clone()),
+            Box::new(beacons.clone()),
+            Box::new(unique_visitors.clone()),
+        ] {
+            registry.register(c)?;
+        }
         Ok(Metrics {
             registry,
             requests,
             duration,
             backend_weight,
             backend_in_flight,
+            shed,
+            queue_depth,
+            queue_wait,
+            maintenance_pages,
+            beacons,
+            unique_visitors,
+            visitors: Arc::new(HyperLogLog::new()),
         })
     }
 
@@ -91,6 +159,13 @@ impl Metrics {
         PoolMetrics {
             duration: self.duration.with_label_values(&[pool]),
             local: CodeCounters::new(&self.requests, pool, LOCAL_BACKEND),
+            shed: Shed::ALL.map(|r| {
+                [Class::Read, Class::Write]
+                    .map(|c| self.shed.with_label_values(&[pool, r.reason(), c.as_str()]))
+            }),
+            queue_depth: self.queue_depth.with_label_values(&[pool]),
+            queue_wait: self.queue_wait.with_label_values(&[pool]),
+            maintenance_pages: self.maintenance_pages.with_label_values(&[pool]),
         }
     }
 
@@ -109,8 +184,20 @@ impl Metrics {
         CodeCounters::new(&self.requests, LOCAL_BACKEND, LOCAL_BACKEND)
     }
 
+    /// Counts one beacon.
+    pub fn beacon(&self) {
+        self.beacons.inc();
+    }
+
+    /// Counts a client that was served the maintenance page.
+    pub fn visitor(&self, ip: std::net::IpAddr) {
+        self.visitors.insert(ip);
+    }
+
     /// The Prometheus text format (0.0.4) of every family.
     pub fn render(&self) -> Vec<u8> {
+        self.unique_visitors
+            .set(self.visitors.estimate().round() as i64);
         let mut out = Vec::with_capacity(16 * 1024);
         // Encoding into a Vec cannot fail on I/O; an error here would mean a metric
         // with invalid label data, which `with_label_values` already rejects.
@@ -143,6 +230,20 @@ pub struct PoolMetrics {
     pub duration: Histogram,
     /// Answers generated locally for this pool (`backend="-"`).
     pub local: CodeCounters,
+    /// `launchday_shed_total`, indexed `[reason in Shed::ALL order][read, write]`.
+    shed: [[IntCounter; 2]; 5],
+    pub queue_depth: IntGauge,
+    pub queue_wait: Histogram,
+    pub maintenance_pages: IntCounter,
+}
+
+impl PoolMetrics {
+    /// Counts one shed request.
+    pub fn shed(&self, reason: Shed, class: Class) {
+        let r = Shed::ALL.iter().position(|&s| s == reason).unwrap_or(0);
+        let c = usize::from(class == Class::Write);
+        self.shed[r][c].inc();
+    }
 }
 
 /// Pre-resolved handles of one back end.

@@ -13,15 +13,16 @@ use std::time::Instant;
 
 use arc_swap::ArcSwap;
 use http::header::{self, HeaderValue};
-use http::{Request, Response, StatusCode, Uri};
+use http::{Method, Request, Response, StatusCode, Uri};
 use hyper::body::Incoming;
 use parking_lot::Mutex;
 
 use crate::body::Body;
-use crate::config::Snapshot;
+use crate::config::{Class, Snapshot};
 use crate::headers::{self, Forwarded, X_LAUNCHDAY_ERROR, X_SERVED_BY};
+use crate::maintenance::{MaintenancePage, BEACON_PATH};
 use crate::metrics::{CodeCounters, Metrics};
-use crate::pool::{Pool, Shed};
+use crate::pool::Pool;
 use crate::route::Router;
 use crate::upstream::Upstream;
 
@@ -31,6 +32,8 @@ pub struct Live {
     pub router: Router,
     /// Same order as `snapshot.pools`.
     pub pools: Vec<Arc<Pool>>,
+    /// The maintenance page of this snapshot, rendered and compressed.
+    pub page: MaintenancePage,
 }
 
 /// The handler shared by every connection of every listener.
@@ -51,6 +54,7 @@ impl Proxy {
         let unrouted = metrics.unrouted();
         let proxy = Proxy {
             live: ArcSwap::from_pointee(Live {
+                page: MaintenancePage::render("", "", std::time::Duration::ZERO),
                 snapshot: Arc::clone(&snapshot),
                 router: Router::default(),
                 pools: Vec::new(),
@@ -93,6 +97,7 @@ impl Proxy {
             .collect();
         Live {
             router: Router::new(&snapshot.routes),
+            page: MaintenancePage::new(&snapshot.maintenance),
             pools,
             snapshot,
         }
@@ -101,6 +106,10 @@ impl Proxy {
     /// Handles one request from a client.
     pub async fn handle(&self, req: Request<Incoming>, fwd: &Forwarded) -> Response<Body> {
         let live = self.live.load_full();
+        if req.uri().path() == BEACON_PATH {
+            self.metrics.beacon();
+            return beacon();
+        }
         let host = request_host(&req);
         let Some(matched) = live.router.route(host, req.uri().path()) else {
             let resp = local(
@@ -111,19 +120,49 @@ impl Proxy {
             self.unrouted.inc(resp.status());
             return resp;
         };
+        let class = matched.class.unwrap_or_else(|| class_of(req.method()));
         let pool = &live.pools[matched.pool];
         let start = Instant::now();
-        let resp = match pool.acquire() {
+        let resp = match pool.acquire(class).await {
             Ok(lease) => forward(req, lease, fwd).await,
             Err(shed) => {
-                let resp = shed_response(shed);
+                let mut resp = live.page.response(
+                    class,
+                    req.headers().get(header::ACCEPT_ENCODING),
+                    shed.reason(),
+                );
+                if !http_body::Body::is_end_stream(req.body()) {
+                    // The unread body must never be parsed as a next request: close.
+                    resp.headers_mut()
+                        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                }
+                pool.metrics.shed(shed, class);
+                pool.metrics.maintenance_pages.inc();
                 pool.metrics.local.inc(resp.status());
+                self.metrics.visitor(fwd.peer);
                 resp
             }
         };
         pool.metrics.duration.observe(start.elapsed().as_secs_f64());
         resp
     }
+}
+
+/// `write` for methods that carry a user's submission, `read` for the rest.
+pub fn class_of(method: &Method) -> Class {
+    match *method {
+        Method::POST | Method::PUT | Method::PATCH | Method::DELETE => Class::Write,
+        _ => Class::Read,
+    }
+}
+
+fn beacon() -> Response<Body> {
+    let mut resp = Response::new(Body::Empty);
+    *resp.status_mut() = StatusCode::NO_CONTENT;
+    let h = resp.headers_mut();
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    h.insert(X_SERVED_BY.clone(), LAUNCHDAY.clone());
+    resp
 }
 
 async fn forward(
@@ -163,14 +202,6 @@ async fn forward(
             resp
         }
     }
-}
-
-fn shed_response(shed: Shed) -> Response<Body> {
-    local(
-        StatusCode::SERVICE_UNAVAILABLE,
-        shed.reason(),
-        "The service is unavailable. Please try again shortly.\n",
-    )
 }
 
 /// The host a request is for: the URI's authority (HTTP/2, absolute-form) or `Host`.

@@ -157,7 +157,7 @@ fn an_ipv4_back_end_is_an_error_unless_allowed() {
                 { name = \"b\", address = \"10.0.0.7:80\" },\n]\n";
     check(&config("", rest)).assert_errors(&[
         "pools.forums.backends[1].address: 10.0.0.7:80 is IPv4; back ends are IPv6-only \
-         (set allow_ipv4_backends = true to permit)",
+         (set allow_ipv4_backends = true)",
     ]);
     check(&config("allow_ipv4_backends = true", rest)).assert_ok();
 }
@@ -243,7 +243,7 @@ fn every_error_in_a_file_is_printed() {
         "listeners[1].bind[0]: [::1]:8080 is already bound by listeners.a.bind[0]",
         "routes[1].pool: no pool named \"forum\" (pools: blog, forums)",
         "pools.blog.backends[0].address: 10.0.0.7:80 is IPv4; back ends are IPv6-only \
-         (set allow_ipv4_backends = true to permit)",
+         (set allow_ipv4_backends = true)",
         "pools.blog.backends[1].max_connections: 0 is less than 1 \
          (omit it for unlimited, or set weight = 0 to drain)",
         "pools.blog.backends[1].name: duplicate back-end name \"vm-1\" (first at backends[0])",

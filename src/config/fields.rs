@@ -163,7 +163,7 @@ pub(super) fn backend_addr(
             if addr.is_ipv4() && !allow_ipv4 {
                 errors.push(
                     ConfigError::new(path, format!("{text} is IPv4; back ends are IPv6-only"))
-                        .with_hint("set allow_ipv4_backends = true to permit"),
+                        .with_hint("set allow_ipv4_backends = true"),
                 );
                 return None;
             }
@@ -302,10 +302,10 @@ pub(super) fn text_file(
     path: &str,
     file: &Path,
     base_dir: &Path,
-) -> Option<PathBuf> {
+) -> Option<(PathBuf, String)> {
     let full = base_dir.join(file);
     let problem = match std::fs::read_to_string(&full) {
-        Ok(_) => return Some(full),
+        Ok(text) => return Some((full, text)),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => "does not exist".to_owned(),
         Err(e) if e.kind() == std::io::ErrorKind::InvalidData => "is not UTF-8 text".to_owned(),
         Err(_) if full.is_dir() => "is a directory".to_owned(),
@@ -465,7 +465,7 @@ mod tests {
         let mut errors = Errors::new();
         assert_eq!(
             text_file(&mut errors, "p", Path::new("p.html"), dir.path()),
-            Some(dir.path().join("p.html"))
+            Some((dir.path().join("p.html"), "hi".to_owned()))
         );
         assert!(errors.is_empty());
         let e = one_error(|e| text_file(e, "p", Path::new("nope.html"), dir.path()));

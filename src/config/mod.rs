@@ -28,7 +28,7 @@ use model::RootConfig;
 ///
 /// Displays as `PATH: problem (hint)`, or `PATH: problem` without a hint, e.g.
 /// `pools.blog.backends[1].address: 10.0.0.7:80 is IPv4; back ends are IPv6-only
-/// (set allow_ipv4_backends = true to permit)`.
+/// (set allow_ipv4_backends = true)`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigError {
     /// Where: a key path such as `pools.blog.backends[0].weight`, or `(file)` /

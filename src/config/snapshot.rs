@@ -142,6 +142,8 @@ pub struct HealthCheckSpec {
 pub struct MaintenanceSpec {
     /// Template file (resolved against the config file's directory); `None` = built-in page.
     pub page: Option<PathBuf>,
+    /// The template's text, read once at validation (`None` = built-in page).
+    pub template: Option<String>,
     /// `Retry-After` (default 30s).
     pub retry_after: Duration,
     /// HTML inserted at `{{analytics}}` (default empty).

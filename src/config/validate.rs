@@ -187,10 +187,13 @@ fn routes(
 }
 
 fn maintenance(e: &mut Errors, raw: MaintenanceConfig, base_dir: &Path) -> MaintenanceSpec {
+    let page = raw
+        .page
+        .and_then(|file| fields::text_file(e, "maintenance.page", &file, base_dir));
+    let (page, template) = page.map_or((None, None), |(p, t)| (Some(p), Some(t)));
     MaintenanceSpec {
-        page: raw
-            .page
-            .and_then(|file| fields::text_file(e, "maintenance.page", &file, base_dir)),
+        page,
+        template,
         retry_after: fields::duration(
             e,
             "maintenance.retry_after",

@@ -1,45 +1,84 @@
 //! A pool of back ends: admission and selection in one step.
 //!
-//! [`Pool::acquire`] either returns a [`Lease`] on one back end, chosen by smooth
-//! weighted round robin among the back ends with free capacity, or says why the
-//! request must be answered locally ([`Shed`]). The lease holds one unit of the back
-//! end's `max_connections`; dropping it (on success, error or client gone) frees it.
-//! Choosing and counting happen under the same lock, so no request is admitted
-//! without a back end, and `in_flight` never exceeds `max_connections`.
+//! [`Pool::acquire`] resolves either to a [`Lease`] on one back end, chosen by smooth
+//! weighted round robin among the back ends with free capacity, or to the reason the
+//! request must get the maintenance page ([`Shed`]). A request that finds every back
+//! end full waits in the pool's bounded queue:
 //!
-//! Backups (`backup = true`) are only chosen while no primary back end can take
-//! requests at all (every primary drained); a primary that is merely full does not
-//! spill onto the backups.
+//! - `queue_depth` waiters at most; an arrival at a full queue is shed (`queue_full`),
+//!   except that a write displaces the newest waiting read (which is shed instead).
+//!   A write is shed only when the queue holds nothing but writes.
+//! - Writes are served before reads; FIFO within a class.
+//! - An arrival whose predicted wait — its position × the pool's service-time estimate
+//!   ÷ the pool's capacity (Σ `max_connections`) — exceeds `queue_timeout` is shed at
+//!   once (`predicted_wait`); a waiter still waiting after `queue_timeout` is shed
+//!   (`queue_timeout`).
+//! - A freed slot is handed straight to the next waiter (no polling).
+//!
+//! Invariants: one lock guards selection, in-flight counts and the queue, so no
+//! request is admitted without a back end and `in_flight` never exceeds
+//! `max_connections`. A lease holds one unit of capacity; dropping it (success, error,
+//! client gone) releases it and serves the next waiter. A waiter whose client goes
+//! away leaves the queue at once. Nothing is dropped while the lock is held that could
+//! take the lock again (a lease refused by a vanished waiter is defused first).
+//!
+//! Backups (`backup = true`) are only chosen while every primary back end is drained.
 
+pub mod estimate;
 pub mod select;
 
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 
-use parking_lot::Mutex;
+use parking_lot::{Mutex, MutexGuard};
+use tokio::sync::oneshot;
+use tokio::time::Instant;
 
-use crate::config::{BackendSpec, PoolSpec};
+use crate::config::{BackendSpec, Class, PoolSpec};
 use crate::metrics::{BackendMetrics, Metrics, PoolMetrics};
 use crate::upstream::Upstream;
+use estimate::ServiceTime;
 use select::SmoothWrr;
 
 /// Why a request was not given a back end.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, thiserror::Error)]
 pub enum Shed {
     /// The pool is in manual maintenance.
     #[error("pool in maintenance")]
     Manual,
-    /// No back end can take requests (none configured, all drained or full).
+    /// No back end can take requests at all (none configured, or all drained).
     #[error("no back end available")]
     NoBackend,
+    /// The queue was full (or this read was displaced by a write).
+    #[error("queue full")]
+    QueueFull,
+    /// Waited `queue_timeout` in the queue.
+    #[error("waited too long in the queue")]
+    QueueTimeout,
+    /// Predicted to wait longer than `queue_timeout`.
+    #[error("predicted wait too long")]
+    PredictedWait,
 }
 
 impl Shed {
+    /// Every reason, in `reason` label order.
+    pub const ALL: [Shed; 5] = [
+        Shed::QueueFull,
+        Shed::QueueTimeout,
+        Shed::PredictedWait,
+        Shed::NoBackend,
+        Shed::Manual,
+    ];
+
     /// The `reason` label / `X-Launchday-Error` value.
     pub fn reason(self) -> &'static str {
         match self {
-            Shed::Manual => "manual",
+            Shed::QueueFull => "queue_full",
+            Shed::QueueTimeout => "queue_timeout",
+            Shed::PredictedWait => "predicted_wait",
             Shed::NoBackend => "no_backend",
+            Shed::Manual => "manual",
         }
     }
 }
@@ -49,6 +88,7 @@ pub struct Backend {
     pub spec: BackendSpec,
     pub upstream: Arc<Upstream>,
     pub metrics: BackendMetrics,
+    /// Mirror of the count kept under the pool lock, for readers (status, tests).
     in_flight: AtomicU32,
 }
 
@@ -66,20 +106,49 @@ impl Backend {
     pub fn in_flight(&self) -> u32 {
         self.in_flight.load(Ordering::Relaxed)
     }
+}
 
-    fn has_capacity(&self) -> bool {
-        self.spec
-            .max_connections
-            .is_none_or(|max| self.in_flight() < max)
+type Reply = oneshot::Sender<Result<Lease, Shed>>;
+
+struct Waiter {
+    id: u64,
+    tx: Reply,
+    since: Instant,
+}
+
+/// Everything guarded by the pool lock.
+struct State {
+    swrr: SmoothWrr,
+    in_flight: Vec<u32>,
+    writes: VecDeque<Waiter>,
+    reads: VecDeque<Waiter>,
+    next_id: u64,
+    service: ServiceTime,
+}
+
+impl State {
+    fn depth(&self) -> usize {
+        self.writes.len() + self.reads.len()
+    }
+
+    fn queue(&mut self, class: Class) -> &mut VecDeque<Waiter> {
+        match class {
+            Class::Write => &mut self.writes,
+            Class::Read => &mut self.reads,
+        }
     }
 }
 
-/// A pool: its settings, back ends and selector.
+/// A pool: its settings, back ends, selector and queue.
 pub struct Pool {
     pub spec: PoolSpec,
     pub metrics: PoolMetrics,
     backends: Vec<Backend>,
-    selector: Mutex<SmoothWrr>,
+    /// Manual maintenance (config, or switched by the admin API).
+    maintenance: AtomicBool,
+    /// Σ max_connections of the primaries with weight > 0 (`None`: some unlimited).
+    capacity: Option<u64>,
+    state: Mutex<State>,
 }
 
 impl std::fmt::Debug for Pool {
@@ -108,9 +177,25 @@ impl Pool {
                 in_flight: AtomicU32::new(0),
             })
             .collect();
+        let any_primary = backends.iter().any(|b| !b.spec.backup && b.spec.weight > 0);
+        let capacity = backends
+            .iter()
+            .filter(|b| b.spec.weight > 0 && b.spec.backup != any_primary)
+            .map(|b| b.spec.max_connections.map(u64::from))
+            .sum();
+        let n = backends.len();
         Pool {
             metrics: metrics.pool(&spec.name),
-            selector: Mutex::new(SmoothWrr::new(backends.len())),
+            maintenance: AtomicBool::new(spec.maintenance),
+            capacity,
+            state: Mutex::new(State {
+                swrr: SmoothWrr::new(n),
+                in_flight: vec![0; n],
+                writes: VecDeque::new(),
+                reads: VecDeque::new(),
+                next_id: 0,
+                service: ServiceTime::default(),
+            }),
             backends,
             spec,
         }
@@ -126,39 +211,242 @@ impl Pool {
         &self.backends
     }
 
-    /// Admits a request and picks its back end, or says why not.
-    pub fn acquire(self: &Arc<Self>) -> Result<Lease, Shed> {
-        if self.spec.maintenance {
+    /// Requests waiting in the queue now.
+    pub fn queue_depth(&self) -> usize {
+        self.state.lock().depth()
+    }
+
+    /// The current service-time estimate.
+    pub fn service_time(&self) -> Option<std::time::Duration> {
+        self.state.lock().service.get()
+    }
+
+    /// Whether the pool is in manual maintenance.
+    pub fn in_maintenance(&self) -> bool {
+        self.maintenance.load(Ordering::Relaxed)
+    }
+
+    /// Switches manual maintenance; turning it on sheds every waiter (`manual`).
+    pub fn set_maintenance(&self, on: bool) {
+        self.maintenance.store(on, Ordering::Relaxed);
+        if on {
+            let mut st = self.state.lock();
+            let mut waiters: Vec<Waiter> = st.writes.drain(..).collect();
+            waiters.extend(st.reads.drain(..));
+            self.metrics.queue_depth.set(0);
+            drop(st);
+            for w in waiters {
+                let _ = w.tx.send(Err(Shed::Manual));
+            }
+        }
+    }
+
+    /// Admits a request of `class` and picks its back end, waiting in the queue if
+    /// every back end is full, or says why it must be shed.
+    pub async fn acquire(self: &Arc<Self>, class: Class) -> Result<Lease, Shed> {
+        if self.in_maintenance() {
             return Err(Shed::Manual);
         }
+        let arrived = Instant::now();
+        let (id, mut rx) = {
+            let mut st = self.state.lock();
+            if let Some(lease) = self.try_lease(&mut st) {
+                return Ok(lease);
+            }
+            if !self.backends.iter().any(|b| b.spec.weight > 0) {
+                return Err(Shed::NoBackend);
+            }
+            let position = match class {
+                Class::Write => st.writes.len() + 1,
+                Class::Read => st.depth() + 1,
+            };
+            if let (Some(service), Some(capacity)) = (st.service.get(), self.capacity) {
+                let predicted = service.mul_f64(position as f64 / capacity.max(1) as f64);
+                if predicted > self.spec.queue_timeout {
+                    return Err(Shed::PredictedWait);
+                }
+            }
+            let mut displaced = None;
+            if st.depth() >= self.spec.queue_depth {
+                if class == Class::Write && !st.reads.is_empty() {
+                    displaced = st.reads.pop_back();
+                } else {
+                    return Err(Shed::QueueFull);
+                }
+            }
+            let (tx, rx) = oneshot::channel();
+            let id = st.next_id;
+            st.next_id += 1;
+            st.queue(class).push_back(Waiter {
+                id,
+                tx,
+                since: arrived,
+            });
+            self.metrics.queue_depth.set(st.depth() as i64);
+            drop(st);
+            if let Some(w) = displaced {
+                self.shed_waiter(w, Shed::QueueFull);
+            }
+            (id, rx)
+        };
+        let mut guard = WaitGuard {
+            pool: self,
+            id,
+            class,
+            armed: true,
+        };
+        let deadline = arrived + self.spec.queue_timeout;
+        let result = match tokio::time::timeout_at(deadline, &mut rx).await {
+            Ok(Ok(result)) => {
+                guard.armed = false;
+                result
+            }
+            // The sender is only dropped after sending; treat a lost one as no back end.
+            Ok(Err(_)) => {
+                guard.armed = false;
+                Err(Shed::NoBackend)
+            }
+            Err(_) => {
+                guard.armed = false;
+                if self.remove_waiter(id, class) {
+                    self.metrics
+                        .queue_wait
+                        .observe(arrived.elapsed().as_secs_f64());
+                    Err(Shed::QueueTimeout)
+                } else {
+                    // Served (or displaced) at the last moment: the answer is in the channel.
+                    rx.try_recv().unwrap_or(Err(Shed::QueueTimeout))
+                }
+            }
+        };
+        drop(guard);
+        result
+    }
+
+    fn shed_waiter(&self, w: Waiter, why: Shed) {
+        self.metrics
+            .queue_wait
+            .observe(w.since.elapsed().as_secs_f64());
+        let _ = w.tx.send(Err(why));
+    }
+
+    /// Removes waiter `id`; false if it was no longer queued.
+    fn remove_waiter(&self, id: u64, class: Class) -> bool {
+        let mut st = self.state.lock();
+        let q = st.queue(class);
+        let Some(pos) = q.iter().position(|w| w.id == id) else {
+            return false;
+        };
+        let removed = q.remove(pos);
+        self.metrics.queue_depth.set(st.depth() as i64);
+        drop(st);
+        drop(removed);
+        true
+    }
+
+    /// Picks a back end with free capacity and takes one unit of it.
+    fn try_lease(self: &Arc<Self>, st: &mut MutexGuard<'_, State>) -> Option<Lease> {
         let backends = &self.backends;
         let any_primary = backends.iter().any(|b| !b.spec.backup && b.spec.weight > 0);
-        let mut selector = self.selector.lock();
-        let picked = selector.pick(|i| {
+        let State {
+            swrr, in_flight, ..
+        } = &mut **st;
+        let index = swrr.pick(|i| {
             let b = &backends[i];
-            if b.spec.backup == any_primary || !b.has_capacity() {
+            let full = b
+                .spec
+                .max_connections
+                .is_some_and(|max| in_flight[i] >= max);
+            if b.spec.backup == any_primary || full {
                 0
             } else {
                 b.spec.weight
             }
-        });
-        let index = picked.ok_or(Shed::NoBackend)?;
-        // Counted under the selector lock: capacity checks above see every lease.
+        })?;
+        in_flight[index] += 1;
         let b = &backends[index];
-        b.in_flight.fetch_add(1, Ordering::Relaxed);
-        drop(selector);
+        b.in_flight.store(in_flight[index], Ordering::Relaxed);
         b.metrics.in_flight.inc();
-        Ok(Lease {
+        Some(Lease {
             pool: Arc::clone(self),
             index,
+            started: Instant::now(),
         })
+    }
+
+    /// Gives one unit of back end `index` back and hands free capacity to waiters.
+    fn release(self: &Arc<Self>, index: usize, started: Instant) {
+        let now = Instant::now();
+        let mut st = self.state.lock();
+        st.in_flight[index] -= 1;
+        let b = &self.backends[index];
+        b.in_flight.store(st.in_flight[index], Ordering::Relaxed);
+        b.metrics.in_flight.dec();
+        st.service
+            .observe(now.saturating_duration_since(started), now);
+        self.dispatch(&mut st);
+    }
+
+    /// Serves waiters, writes first, while a back end has free capacity.
+    fn dispatch(self: &Arc<Self>, st: &mut MutexGuard<'_, State>) {
+        while st.depth() > 0 {
+            let Some(lease) = self.try_lease(st) else {
+                break;
+            };
+            let waiter = match st.writes.pop_front() {
+                Some(w) => w,
+                None => match st.reads.pop_front() {
+                    Some(w) => w,
+                    None => {
+                        self.undo(st, lease);
+                        break;
+                    }
+                },
+            };
+            self.metrics.queue_depth.set(st.depth() as i64);
+            self.metrics
+                .queue_wait
+                .observe(waiter.since.elapsed().as_secs_f64());
+            if let Err(Ok(refused)) = waiter.tx.send(Ok(lease)) {
+                // The client went away between leaving the queue and now.
+                self.undo(st, refused);
+            }
+        }
+    }
+
+    /// Returns a lease's unit without taking the lock again (the caller holds it).
+    fn undo(&self, st: &mut MutexGuard<'_, State>, mut lease: Lease) {
+        let index = lease.index;
+        lease.index = usize::MAX;
+        st.in_flight[index] -= 1;
+        let b = &self.backends[index];
+        b.in_flight.store(st.in_flight[index], Ordering::Relaxed);
+        b.metrics.in_flight.dec();
+    }
+}
+
+/// Takes a waiter out of the queue if its request goes away while waiting.
+struct WaitGuard<'a> {
+    pool: &'a Arc<Pool>,
+    id: u64,
+    class: Class,
+    armed: bool,
+}
+
+impl Drop for WaitGuard<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.pool.remove_waiter(self.id, self.class);
+        }
     }
 }
 
 /// One unit of a back end's capacity, held for as long as its request lives.
 pub struct Lease {
     pool: Arc<Pool>,
+    /// `usize::MAX` once defused (given back under the lock by [`Pool::undo`]).
     index: usize,
+    started: Instant,
 }
 
 impl std::fmt::Debug for Lease {
@@ -184,108 +472,11 @@ impl Lease {
 
 impl Drop for Lease {
     fn drop(&mut self) {
-        let b = &self.pool.backends[self.index];
-        b.in_flight.fetch_sub(1, Ordering::Relaxed);
-        b.metrics.in_flight.dec();
+        if self.index != usize::MAX {
+            self.pool.release(self.index, self.started);
+        }
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::config::{BackendSpec, PoolSpec};
-    use std::time::Duration;
-
-    fn backend(name: &str, weight: u32, max: Option<u32>, backup: bool) -> BackendSpec {
-        BackendSpec {
-            name: name.into(),
-            address_text: "[::1]:1".into(),
-            address: "[::1]:1".parse().expect("addr"),
-            weight,
-            max_connections: max,
-            served_by: None,
-            backup,
-        }
-    }
-
-    fn pool(backends: Vec<BackendSpec>, maintenance: bool) -> Arc<Pool> {
-        let spec = PoolSpec {
-            name: "p".into(),
-            queue_depth: 4,
-            queue_timeout: Duration::from_secs(1),
-            maintenance,
-            backends,
-            health_check: None,
-        };
-        let m = Metrics::new(prometheus::Registry::new()).expect("metrics");
-        Arc::new(Pool::new(spec, &m, Upstream::new))
-    }
-
-    fn name(l: &Lease) -> &str {
-        &l.backend().spec.name
-    }
-
-    #[test]
-    fn full_back_end_is_skipped_and_lease_drop_frees_it() {
-        let p = pool(
-            vec![
-                backend("a", 1, Some(1), false),
-                backend("b", 1, None, false),
-            ],
-            false,
-        );
-        let first = p.acquire().expect("a");
-        assert_eq!(name(&first), "a");
-        // a is full: every pick goes to b while the lease is held.
-        let held: Vec<Lease> = (0..5).map(|_| p.acquire().expect("b")).collect();
-        assert!(held.iter().all(|l| name(l) == "b"));
-        assert_eq!(p.backends()[0].in_flight(), 1);
-        assert_eq!(p.backends()[1].in_flight(), 5);
-        drop(first);
-        drop(held);
-        assert_eq!(p.backends()[0].in_flight(), 0);
-        assert_eq!(p.backends()[1].in_flight(), 0);
-        assert_eq!(p.backends()[0].metrics.in_flight.get(), 0);
-    }
-
-    #[test]
-    fn all_full_or_drained_is_no_backend() {
-        let p = pool(
-            vec![
-                backend("a", 1, Some(1), false),
-                backend("d", 0, None, false),
-            ],
-            false,
-        );
-        let _l = p.acquire().expect("a");
-        assert_eq!(p.acquire().err(), Some(Shed::NoBackend));
-    }
-
-    #[test]
-    fn maintenance_sheds_manual() {
-        let p = pool(vec![], true);
-        assert_eq!(p.acquire().err(), Some(Shed::Manual));
-    }
-
-    #[test]
-    fn backups_only_when_no_primary_can_take_requests() {
-        let p = pool(
-            vec![
-                backend("a", 1, None, false),
-                backend("spare", 1, None, true),
-            ],
-            false,
-        );
-        for _ in 0..10 {
-            assert_eq!(name(&p.acquire().expect("a")), "a");
-        }
-        let drained = pool(
-            vec![
-                backend("a", 0, None, false),
-                backend("spare", 1, None, true),
-            ],
-            false,
-        );
-        assert_eq!(name(&drained.acquire().expect("spare")), "spare");
-    }
-}
+mod tests;

@@ -309,7 +309,7 @@ mod tests {
         assert_eq!(
             all[0],
             "pools.blog.backends[1].address: 10.0.0.7:80 is IPv4; back ends are IPv6-only \
-             (set allow_ipv4_backends = true to permit)"
+             (set allow_ipv4_backends = true)"
         );
         assert!(all[1].starts_with("pools.blog.backends[2].address: [::ffff:10.0.0.8]:80 is IPv4"));
         assert_eq!(all.len(), 2);

@@ -1,0 +1,300 @@
+//! The maintenance page: rendered and compressed once per snapshot, served from memory.
+//!
+//! The template (the `maintenance.page` file, or a built-in page) has its placeholders
+//! filled once: `{{analytics}}` with the configured snippet, `{{message}}` with the
+//! text for the request's class, `{{retry_after}}` with the seconds. A first-party
+//! beacon (`<img src="/.well-known/launchday/beacon">`) is put before `</body>` so
+//! every page view that a browser renders is counted, whatever analytics vendor is
+//! configured. Two variants are rendered — for reads, and for writes (saying plainly
+//! that the submission was NOT saved; a template without `{{message}}` gets that notice
+//! right after `<body>`) — each stored as identity, gzip and brotli `Bytes`.
+//!
+//! Invariant: serving a page clones `Bytes` (a reference count) and static header
+//! values; it renders, compresses and reads nothing.
+
+use std::io::Write;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::{Response, StatusCode};
+
+use crate::body::Body;
+use crate::config::{Class, MaintenanceSpec};
+use crate::headers::{X_LAUNCHDAY_ERROR, X_SERVED_BY};
+
+/// Path of the first-party beacon, answered by every public listener.
+pub const BEACON_PATH: &str = "/.well-known/launchday/beacon";
+
+const BUILT_IN: &str = include_str!("maintenance.html");
+
+const READ_MESSAGE: &str = "So many people came at once that we can't show this page right now. \
+     It will be back in a moment: this page reloads by itself.";
+const WRITE_MESSAGE: &str =
+    "<strong>Your submission was NOT saved.</strong> So many people came at once \
+     that we could not accept it. Copy your text somewhere safe and send it again in a minute.";
+
+/// A content coding of the page.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Encoding {
+    Identity = 0,
+    Gzip = 1,
+    Brotli = 2,
+}
+
+#[derive(Debug, Clone)]
+struct Variant {
+    body: Bytes,
+    encoding: Option<HeaderValue>,
+    length: HeaderValue,
+}
+
+/// The rendered page, all variants.
+#[derive(Debug, Clone)]
+pub struct MaintenancePage {
+    /// `[class][encoding]`: class 0 = read, 1 = write.
+    variants: [[Variant; 3]; 2],
+    retry_after: HeaderValue,
+}
+
+impl MaintenancePage {
+    /// Renders and compresses the page of a snapshot.
+    pub fn new(spec: &MaintenanceSpec) -> Self {
+        let template = spec.template.as_deref().unwrap_or(BUILT_IN);
+        Self::render(template, &spec.analytics, spec.retry_after)
+    }
+
+    /// Renders `template` (see the module docs for the placeholders).
+    pub fn render(template: &str, analytics: &str, retry_after: Duration) -> Self {
+        let secs = retry_after.as_secs().max(1);
+        let make = |message: &str, write: bool| {
+            let mut html = template
+                .replace("{{analytics}}", analytics)
+                .replace("{{retry_after}}", &secs.to_string());
+            if html.contains("{{message}}") {
+                html = html.replace("{{message}}", message);
+            } else if write {
+                let notice = format!("<p role=\"alert\">{message}</p>");
+                html = insert_after_body_tag(&html, &notice);
+            }
+            let beacon = format!(
+                "<img src=\"{BEACON_PATH}\" alt=\"\" width=\"1\" height=\"1\" style=\"position:absolute;left:-9999px\">"
+            );
+            html = match html.rfind("</body>") {
+                Some(i) => format!("{}{beacon}{}", &html[..i], &html[i..]),
+                None => format!("{html}{beacon}"),
+            };
+            variants(Bytes::from(html))
+        };
+        MaintenancePage {
+            variants: [make(READ_MESSAGE, false), make(WRITE_MESSAGE, true)],
+            retry_after: HeaderValue::from(secs),
+        }
+    }
+
+    /// The uncompressed page for `class` (for tests and the status page).
+    pub fn html(&self, class: Class) -> &Bytes {
+        &self.variants[class_index(class)][Encoding::Identity as usize].body
+    }
+
+    /// The `503` answer for a shed request of `class`, in the best encoding the client
+    /// accepts. `reason` goes into `X-Launchday-Error`.
+    pub fn response(
+        &self,
+        class: Class,
+        accept_encoding: Option<&HeaderValue>,
+        reason: &'static str,
+    ) -> Response<Body> {
+        let encoding = negotiate(accept_encoding);
+        let v = &self.variants[class_index(class)][encoding as usize];
+        let mut resp = Response::new(Body::Full(Some(v.body.clone())));
+        *resp.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+        let h = resp.headers_mut();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/html; charset=utf-8"),
+        );
+        h.insert(header::CONTENT_LENGTH, v.length.clone());
+        h.insert(header::RETRY_AFTER, self.retry_after.clone());
+        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        h.insert(header::VARY, HeaderValue::from_static("Accept-Encoding"));
+        if let Some(e) = &v.encoding {
+            h.insert(header::CONTENT_ENCODING, e.clone());
+        }
+        h.insert(X_SERVED_BY.clone(), HeaderValue::from_static("launchday"));
+        h.insert(X_LAUNCHDAY_ERROR.clone(), HeaderValue::from_static(reason));
+        resp
+    }
+}
+
+fn class_index(class: Class) -> usize {
+    match class {
+        Class::Read => 0,
+        Class::Write => 1,
+    }
+}
+
+fn insert_after_body_tag(html: &str, notice: &str) -> String {
+    let lower = html.to_ascii_lowercase();
+    match lower
+        .find("<body")
+        .and_then(|i| lower[i..].find('>').map(|j| i + j + 1))
+    {
+        Some(at) => format!("{}{notice}{}", &html[..at], &html[at..]),
+        None => format!("{notice}{html}"),
+    }
+}
+
+fn variants(identity: Bytes) -> [Variant; 3] {
+    let gzip = {
+        let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+        // Writing into a Vec cannot fail.
+        let _ = enc.write_all(&identity);
+        enc.finish().unwrap_or_default()
+    };
+    let brotli = {
+        let mut out = Vec::new();
+        {
+            let mut w = brotli::CompressorWriter::new(&mut out, 4096, 11, 22);
+            let _ = w.write_all(&identity);
+        }
+        out
+    };
+    let v = |body: Vec<u8>, enc: Option<&'static str>| Variant {
+        length: HeaderValue::from(body.len()),
+        body: Bytes::from(body),
+        encoding: enc.map(HeaderValue::from_static),
+    };
+    [
+        v(identity.to_vec(), None),
+        v(gzip, Some("gzip")),
+        v(brotli, Some("br")),
+    ]
+}
+
+/// Picks the encoding: brotli, then gzip, then identity, among those the client
+/// accepts with q > 0 (`*` counts for both).
+pub fn negotiate(accept: Option<&HeaderValue>) -> Encoding {
+    let Some(text) = accept.and_then(|v| v.to_str().ok()) else {
+        return Encoding::Identity;
+    };
+    let (mut br, mut gzip, mut star) = (None, None, None);
+    for item in text.split(',') {
+        let mut parts = item.split(';');
+        let coding = parts.next().unwrap_or("").trim();
+        let q = parts
+            .filter_map(|p| p.trim().strip_prefix("q="))
+            .filter_map(|q| q.trim().parse::<f32>().ok())
+            .next()
+            .unwrap_or(1.0);
+        if coding.eq_ignore_ascii_case("br") {
+            br = Some(q);
+        } else if coding.eq_ignore_ascii_case("gzip") || coding.eq_ignore_ascii_case("x-gzip") {
+            gzip = Some(q);
+        } else if coding == "*" {
+            star = Some(q);
+        }
+    }
+    let ok = |q: Option<f32>| q.or(star).is_some_and(|q| q > 0.0);
+    if ok(br) {
+        Encoding::Brotli
+    } else if ok(gzip) {
+        Encoding::Gzip
+    } else {
+        Encoding::Identity
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+
+    fn page() -> MaintenancePage {
+        MaintenancePage::render(
+            "<html><body><h1>Busy</h1><p>{{message}}</p>{{analytics}}</body></html>",
+            "<script>track()</script>",
+            Duration::from_secs(30),
+        )
+    }
+
+    fn hv(s: &'static str) -> HeaderValue {
+        HeaderValue::from_static(s)
+    }
+
+    #[test]
+    fn negotiation_prefers_br_then_gzip_and_honours_q0() {
+        assert_eq!(negotiate(None), Encoding::Identity);
+        assert_eq!(negotiate(Some(&hv("gzip, deflate, br"))), Encoding::Brotli);
+        assert_eq!(negotiate(Some(&hv("gzip"))), Encoding::Gzip);
+        assert_eq!(negotiate(Some(&hv("br;q=0, gzip;q=0.5"))), Encoding::Gzip);
+        assert_eq!(negotiate(Some(&hv("*"))), Encoding::Brotli);
+        assert_eq!(negotiate(Some(&hv("*;q=0, identity"))), Encoding::Identity);
+        assert_eq!(negotiate(Some(&hv("deflate"))), Encoding::Identity);
+    }
+
+    #[test]
+    fn placeholders_beacon_and_write_notice() {
+        let p = page();
+        let read = std::str::from_utf8(p.html(Class::Read)).expect("utf8");
+        assert!(read.contains("<script>track()</script>"));
+        assert!(read.contains(BEACON_PATH));
+        assert!(read.find(BEACON_PATH) < read.find("</body>"));
+        assert!(!read.contains("NOT saved"));
+        let write = std::str::from_utf8(p.html(Class::Write)).expect("utf8");
+        assert!(write.contains("Your submission was NOT saved."));
+        // Without {{message}}, the write notice goes right after <body>.
+        let bare =
+            MaintenancePage::render("<HTML><BODY class=x>hi</BODY></HTML>", "", Duration::ZERO);
+        let w = std::str::from_utf8(bare.html(Class::Write)).expect("utf8");
+        assert!(
+            w.starts_with("<HTML><BODY class=x><p role=\"alert\"><strong>Your submission"),
+            "{w}"
+        );
+    }
+
+    #[test]
+    fn compressed_variants_decode_to_the_page() {
+        let p = page();
+        let resp = p.response(Class::Read, Some(&hv("gzip")), "queue_full");
+        assert_eq!(resp.headers()["content-encoding"], "gzip");
+        let Body::Full(Some(gz)) = resp.into_body() else {
+            panic!("full body")
+        };
+        let mut out = String::new();
+        flate2::read::GzDecoder::new(&gz[..])
+            .read_to_string(&mut out)
+            .expect("gunzip");
+        assert_eq!(out.as_bytes(), &p.html(Class::Read)[..]);
+        let resp = p.response(Class::Write, Some(&hv("br")), "queue_full");
+        let Body::Full(Some(br)) = resp.into_body() else {
+            panic!("full body")
+        };
+        let mut out = Vec::new();
+        brotli::Decompressor::new(&br[..], 4096)
+            .read_to_end(&mut out)
+            .expect("unbrotli");
+        assert_eq!(&out[..], &p.html(Class::Write)[..]);
+    }
+
+    #[test]
+    fn response_headers() {
+        let resp = page().response(Class::Read, None, "manual");
+        assert_eq!(resp.status(), 503);
+        let h = resp.headers();
+        assert_eq!(h["retry-after"], "30");
+        assert_eq!(h["cache-control"], "no-store");
+        assert_eq!(h["content-type"], "text/html; charset=utf-8");
+        assert_eq!(h["vary"], "Accept-Encoding");
+        assert_eq!(h["x-served-by"], "launchday");
+        assert_eq!(h["x-launchday-error"], "manual");
+        assert!(h.get("content-encoding").is_none());
+    }
+
+    #[test]
+    fn built_in_page_has_every_placeholder() {
+        assert!(BUILT_IN.contains("{{message}}"));
+        assert!(BUILT_IN.contains("{{analytics}}"));
+        assert!(BUILT_IN.contains("</body>"));
+    }
+}
