@@ -106,8 +106,8 @@ fn html_escape(s: &str) -> String {
         .replace('"', "&quot;")
 }
 
-/// The demo's back ends: the blog VM and the Raspberry Pi.
-pub fn backends() -> [DemoBackend; 2] {
+/// The demo's back ends: the blog VM, the Raspberry Pi and the (slow) forums VM.
+pub fn backends() -> [DemoBackend; 3] {
     [
         DemoBackend {
             name: "blog VM".into(),
@@ -119,11 +119,16 @@ pub fn backends() -> [DemoBackend; 2] {
             served_by: Some("Raspberry Pi 3".into()),
             delay: Duration::from_millis(700),
         },
+        DemoBackend {
+            name: "forums VM".into(),
+            served_by: None,
+            delay: Duration::from_millis(500),
+        },
     ]
 }
 
 /// The demo's config (TOML), given the back ends' and the balancer's addresses.
-pub fn config(vm: SocketAddr, pi: SocketAddr, port: u16, admin_port: u16) -> String {
+pub fn config([vm, pi, forums]: [SocketAddr; 3], port: u16, admin_port: u16) -> String {
     format!(
         r#"# launchday demo (built in)
 shutdown_grace = "2s"
@@ -139,13 +144,30 @@ bind = ["127.0.0.1:{port}", "[::1]:{port}"]
 path_prefix = "/"
 pool = "blog"
 
+[[routes]]
+path_prefix = "/forums/"
+pool = "forums"
+
+# The blog: a big VM and a Raspberry Pi, 11:1.
 [pools.blog]
 queue_depth = 64
 queue_timeout = "2s"
 backends = [
-  {{ name = "blog-vm-1", address = "{vm}", weight = 11, served_by = "blog-vm-1" }},
+  {{ name = "blog-vm-1", address = "{vm}", weight = 11, max_connections = 64, served_by = "blog-vm-1" }},
   {{ name = "raspberry-pi-3", address = "{pi}", weight = 1, max_connections = 4 }},
 ]
+
+# The forums: slow pages (0.5 s), 2 at a time, a short queue. Isolated from the blog.
+[pools.forums]
+queue_depth = 8
+queue_timeout = "2s"
+backends = [
+  {{ name = "forums-vm-1", address = "{forums}", weight = 1, max_connections = 2, served_by = "forums-vm-1" }},
+]
+
+[maintenance]
+retry_after = "30s"
+analytics = "<!-- your analytics snippet here -->"
 "#
     )
 }
@@ -171,15 +193,20 @@ mod tests {
     #[test]
     fn demo_config_is_valid() {
         let text = config(
-            "[::1]:1001".parse().expect("a"),
-            "[::1]:1002".parse().expect("b"),
+            [
+                "[::1]:1001".parse().expect("a"),
+                "[::1]:1002".parse().expect("b"),
+                "[::1]:1003".parse().expect("c"),
+            ],
             8080,
             9090,
         );
         let snap = crate::config::load_str(&text, std::path::Path::new("."), None)
             .unwrap_or_else(|e| panic!("demo config invalid:\n{e}"));
-        assert_eq!(snap.pools.len(), 1);
+        assert_eq!(snap.pools.len(), 2);
+        assert_eq!(snap.pools[0].name, "blog");
         assert_eq!(snap.pools[0].backends[0].weight, 11);
         assert_eq!(snap.pools[0].backends[1].max_connections, Some(4));
+        assert_eq!(snap.pools[1].backends[0].max_connections, Some(2));
     }
 }

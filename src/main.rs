@@ -119,11 +119,15 @@ fn run(path: &Path) -> anyhow::Result<()> {
 fn demo(port: u16, admin_port: u16) -> anyhow::Result<()> {
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     runtime(threads)?.block_on(async move {
-        let [vm, pi] = launchday::demo::backends();
         let any = "[::1]:0".parse().context("address")?;
-        let vm = launchday::demo::spawn_backend(any, vm).await?;
-        let pi = launchday::demo::spawn_backend(any, pi).await?;
-        let text = launchday::demo::config(vm.addr, pi.addr, port, admin_port);
+        let mut addrs = Vec::new();
+        for b in launchday::demo::backends() {
+            addrs.push(launchday::demo::spawn_backend(any, b).await?.addr);
+        }
+        let addrs: [std::net::SocketAddr; 3] = addrs
+            .try_into()
+            .map_err(|_| anyhow::anyhow!("three demo back ends"))?;
+        let text = launchday::demo::config(addrs, port, admin_port);
         let snapshot = config::load_str(&text, Path::new("."), None)
             .map_err(|e| anyhow::anyhow!("demo config invalid:\n{e}"))?;
         let banner = launchday::demo::banner(port, admin_port);

@@ -175,6 +175,12 @@ async fn forward(
     headers::rewrite_request(&mut parts.headers, fwd, &backend.spec.address_text);
     // Back ends get origin-form targets; absolute-form was routed on its authority.
     if parts.uri.scheme().is_some() || parts.uri.authority().is_some() {
+        // RFC 9112 §3.2.2: the target's authority replaces any Host the client sent.
+        if let Some(authority) = parts.uri.authority() {
+            if let Ok(v) = HeaderValue::from_str(authority.as_str()) {
+                parts.headers.insert(header::HOST, v);
+            }
+        }
         let pq = parts
             .uri
             .path_and_query()

@@ -8,9 +8,12 @@
 //! - A connection goes back to the idle stack only after its response body was read
 //!   to the end ([`Checkin::reuse`], called by the response body); a response cut
 //!   short leaves the connection to be closed by hyper.
-//! - A request is retried on another connection only when hyper hands it back
-//!   unsent (`TrySendError::take_message`): a stale keep-alive connection closed by
-//!   the back end never costs a client its request, and nothing is ever sent twice.
+//! - A request is retried on another connection when hyper hands it back unsent
+//!   (`TrySendError::take_message`). When a reused keep-alive connection dies after
+//!   the request went out but before any response byte (the back end's keep-alive
+//!   timeout raced us), only a GET, HEAD or OPTIONS without a body is sent again,
+//!   once, on a fresh connection; any other request fails with 502 and is never sent
+//!   twice (like nginx's `proxy_next_upstream error` on idempotent requests).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -65,6 +68,23 @@ impl UpstreamError {
             UpstreamError::AfterSend { .. } => "upstream_failed_after_send",
         }
     }
+}
+
+/// A copy of `req` if it may be sent twice: GET, HEAD or OPTIONS without a body.
+fn replayable(req: &Request<Body>) -> Option<Request<Body>> {
+    let safe = matches!(
+        *req.method(),
+        hyper::Method::GET | hyper::Method::HEAD | hyper::Method::OPTIONS
+    );
+    if !safe || !http_body::Body::is_end_stream(req.body()) {
+        return None;
+    }
+    let mut copy = Request::new(Body::Empty);
+    *copy.method_mut() = req.method().clone();
+    *copy.uri_mut() = req.uri().clone();
+    *copy.version_mut() = req.version();
+    *copy.headers_mut() = req.headers().clone();
+    Some(copy)
 }
 
 /// The connection pool of one back-end address.
@@ -125,10 +145,23 @@ impl Upstream {
     /// response head with the connection to check in when its body is done.
     pub async fn send(
         self: &Arc<Self>,
-        mut req: Request<Body>,
+        req: Request<Body>,
     ) -> Result<(Response<Incoming>, Checkin), UpstreamError> {
         #[cfg(feature = "bench-legacy-client")]
-        return legacy::send(self, req).await;
+        let sent = legacy::send(self, req).await;
+        #[cfg(not(feature = "bench-legacy-client"))]
+        let sent = self.send_pooled(req).await;
+        sent
+    }
+
+    #[cfg_attr(feature = "bench-legacy-client", allow(dead_code))]
+    async fn send_pooled(
+        self: &Arc<Self>,
+        mut req: Request<Body>,
+    ) -> Result<(Response<Incoming>, Checkin), UpstreamError> {
+        // A copy to resend if a reused connection dies before answering: only for
+        // requests that are safe to send twice (idempotent, no body).
+        let mut resend = replayable(&req);
         // Reuse idle connections, most recent first. A closed one is dropped; one the
         // back end closed under us hands the request back unsent, and we go on.
         loop {
@@ -145,10 +178,23 @@ impl Upstream {
                 Err(mut e) => match e.take_message() {
                     Some(unsent) => req = unsent,
                     None => {
-                        return Err(UpstreamError::AfterSend {
-                            addr: self.addr,
-                            source: e.into_error(),
-                        })
+                        let source = e.into_error();
+                        // The back end closed a kept-alive connection as we reused it
+                        // (its keep-alive timeout): no response byte came back. Safe
+                        // requests go once more, on a fresh connection; others fail.
+                        match resend.take() {
+                            Some(copy) if source.is_incomplete_message() => {
+                                tracing::debug!(addr = %self.addr, "stale keep-alive connection; resending on a fresh one");
+                                req = copy;
+                                break;
+                            }
+                            _ => {
+                                return Err(UpstreamError::AfterSend {
+                                    addr: self.addr,
+                                    source,
+                                })
+                            }
+                        }
                     }
                 },
             }

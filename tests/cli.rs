@@ -1,0 +1,202 @@
+//! End-to-end through the real binary: `launchday run -c FILE` proxies, reloads on
+//! SIGHUP, and exits 0 on SIGTERM; `--version` prints the version.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{Backend, Client};
+use http::StatusCode;
+use tokio::net::TcpStream;
+
+/// A free port on `ip` (bound, then released; the binary binds it right after).
+fn free_addr(ip: &str) -> SocketAddr {
+    let l = std::net::TcpListener::bind(format!("{ip}:0")).expect("bind");
+    l.local_addr().expect("addr")
+}
+
+/// Kills the child if the test ends before it exited.
+struct Running {
+    child: Child,
+    log: std::path::PathBuf,
+}
+
+impl Running {
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn signal(&self, sig: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -{sig} failed");
+    }
+
+    /// Waits up to `limit` for the process to exit.
+    fn wait_exit(&mut self, limit: Duration) -> Option<ExitStatus> {
+        let start = Instant::now();
+        while start.elapsed() < limit {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+fn spawn_run(config: &Path, log: &Path) -> Running {
+    let child = Command::new(env!("CARGO_BIN_EXE_launchday"))
+        .args(["run", "-c"])
+        .arg(config)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log).expect("log file"))
+        .spawn()
+        .expect("spawn launchday");
+    Running {
+        child,
+        log: log.to_path_buf(),
+    }
+}
+
+/// Waits (bounded) until `addr` accepts connections.
+async fn wait_listening(run: &mut Running, addr: SocketAddr) {
+    let start = Instant::now();
+    loop {
+        if TcpStream::connect(addr).await.is_ok() {
+            return;
+        }
+        if let Some(status) = run.child.try_wait().expect("try_wait") {
+            panic!("launchday exited early ({status}):\n{}", run.log());
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "{addr} not listening after 10 s:\n{}",
+            run.log()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn cli_config(
+    v4: SocketAddr,
+    v6: SocketAddr,
+    admin: SocketAddr,
+    web: &Backend,
+    label: &str,
+) -> String {
+    format!(
+        r#"shutdown_grace = "2s"
+threads = 1
+
+[admin]
+listen = ["{admin}"]
+
+[[listeners]]
+name = "public"
+bind = ["{v4}", "{v6}"]
+
+[[routes]]
+pool = "web"
+
+[pools.web]
+backends = [{{ name = "web", address = "{addr}", served_by = "{label}" }}]
+"#,
+        addr = web.addr
+    )
+}
+
+#[test]
+fn version_prints_the_crate_version() {
+    let out = Command::new(env!("CARGO_BIN_EXE_launchday"))
+        .arg("--version")
+        .output()
+        .expect("run --version");
+    assert!(out.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        format!("launchday {}", env!("CARGO_PKG_VERSION"))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_proxies_reloads_on_sighup_and_exits_0_on_sigterm() {
+    let web = Backend::start("web").await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("launchday.toml");
+    let (v4, v6, admin) = (
+        free_addr("127.0.0.1"),
+        free_addr("[::1]"),
+        free_addr("127.0.0.1"),
+    );
+    std::fs::write(&path, cli_config(v4, v6, admin, &web, "one")).expect("write config");
+    let mut run = spawn_run(&path, &dir.path().join("stderr.log"));
+    for addr in [v4, v6, admin] {
+        wait_listening(&mut run, addr).await;
+    }
+
+    for front in [v4, v6] {
+        let r = common::get(front, "/hello").await;
+        assert_eq!(r.status, StatusCode::OK, "via {front}");
+        assert_eq!(r.text(), "served by web\n");
+        assert_eq!(r.header("x-served-by").as_deref(), Some("one"));
+    }
+    assert_eq!(web.count(), 2);
+    let m = common::get(admin, "/metrics").await;
+    assert_eq!(m.status, StatusCode::OK);
+    assert_eq!(
+        common::metric(
+            &m.text(),
+            r#"launchday_requests_total{backend="web",code="2xx",pool="web"}"#
+        ),
+        Some(2.0)
+    );
+
+    // SIGHUP: the new file applies to the next requests (bounded wait for the signal).
+    std::fs::write(&path, cli_config(v4, v6, admin, &web, "two")).expect("rewrite config");
+    run.signal("HUP");
+    let mut c = Client::connect(v4).await;
+    let start = Instant::now();
+    loop {
+        let r = c.get("/after-reload").await;
+        assert_eq!(r.status, StatusCode::OK);
+        if r.header("x-served-by").as_deref() == Some("two") {
+            break;
+        }
+        assert_eq!(r.header("x-served-by").as_deref(), Some("one"));
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "SIGHUP did not reload:\n{}",
+            run.log()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(run.child.try_wait().expect("try_wait").is_none());
+
+    // SIGTERM with an idle keep-alive client connection open: exit 0, promptly.
+    run.signal("TERM");
+    let status = run
+        .wait_exit(Duration::from_secs(5))
+        .unwrap_or_else(|| panic!("no exit 5 s after SIGTERM:\n{}", run.log()));
+    assert_eq!(status.code(), Some(0), "{status}:\n{}", run.log());
+    drop(c);
+    // The ports are released.
+    assert!(TcpStream::connect(v4).await.is_err());
+    assert!(TcpStream::connect(admin).await.is_err());
+}

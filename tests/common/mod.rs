@@ -1,0 +1,540 @@
+//! Helpers for the end-to-end tests: recording back ends on `[::1]`, the real balancer
+//! started in-process on port 0, and a small keep-alive HTTP/1.1 client.
+//!
+//! Everything binds port 0 on 127.0.0.1 or [::1]; nothing uses a fixed port. Every
+//! wait is bounded.
+
+#![allow(dead_code)]
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{HeaderMap, HeaderName, HeaderValue, HOST};
+use http::{Method, Request, Response, StatusCode, Uri};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::client::conn::http1 as client_http1;
+use hyper::server::conn::http1 as server_http1;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use launchday::server::Server;
+use tokio::net::{TcpListener, TcpStream};
+
+/// How long any single step of a test may take before it is a failure.
+pub const STEP: Duration = Duration::from_secs(10);
+
+// ---------------------------------------------------------------------------------
+// Back ends
+// ---------------------------------------------------------------------------------
+
+/// One request as a back end received it.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub method: Method,
+    pub uri: Uri,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+    /// Which TCP connection it came on (1, 2, ... in accept order).
+    pub conn: u64,
+    /// The balancer's address on that connection.
+    pub peer: SocketAddr,
+}
+
+impl Seen {
+    /// Every value of header `name`, as strings.
+    pub fn all(&self, name: &str) -> Vec<String> {
+        self.headers
+            .get_all(name)
+            .iter()
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+            .collect()
+    }
+
+    /// The only value of header `name`; panics if there are several.
+    pub fn one(&self, name: &str) -> Option<String> {
+        let all = self.all(name);
+        assert!(all.len() <= 1, "{name} sent {} times: {all:?}", all.len());
+        all.into_iter().next()
+    }
+}
+
+struct BackendState {
+    name: String,
+    /// Headers added to every answer.
+    extra: HeaderMap,
+    seen: Mutex<Vec<Seen>>,
+    accepted: AtomicU64,
+}
+
+/// A recording back end: an HTTP/1.1 hyper server on `[::1]:0` that answers every
+/// request `200` with the body `served by NAME\n` and the header `X-Backend: NAME`,
+/// plus `X-Served-By` when it was started with its own label (or any other headers
+/// given to [`Backend::with_headers`]).
+#[derive(Clone)]
+pub struct Backend {
+    pub addr: SocketAddr,
+    state: Arc<BackendState>,
+}
+
+impl Backend {
+    /// A back end that sends no `X-Served-By` of its own.
+    pub async fn start(name: &str) -> Backend {
+        Self::with_headers(name, &[]).await
+    }
+
+    /// A back end that sends `X-Served-By: label` itself.
+    pub async fn with_served_by(name: &str, label: &str) -> Backend {
+        Self::with_headers(name, &[("x-served-by", label)]).await
+    }
+
+    /// A back end that adds `headers` to every answer.
+    pub async fn with_headers(name: &str, headers: &[(&str, &str)]) -> Backend {
+        let mut extra = HeaderMap::new();
+        for (k, v) in headers {
+            extra.append(
+                HeaderName::from_bytes(k.as_bytes()).expect("header name"),
+                HeaderValue::from_str(v).expect("header value"),
+            );
+        }
+        let listener = TcpListener::bind("[::1]:0").await.expect("bind back end");
+        let addr = listener.local_addr().expect("back end addr");
+        let state = Arc::new(BackendState {
+            name: name.to_owned(),
+            extra,
+            seen: Mutex::new(Vec::new()),
+            accepted: AtomicU64::new(0),
+        });
+        let st = Arc::clone(&state);
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, peer)) = listener.accept().await else {
+                    continue;
+                };
+                let conn = st.accepted.fetch_add(1, Ordering::SeqCst) + 1;
+                let st = Arc::clone(&st);
+                let svc = service_fn(move |req: Request<Incoming>| {
+                    let st = Arc::clone(&st);
+                    async move { Ok::<_, Infallible>(answer(&st, req, conn, peer).await) }
+                });
+                tokio::spawn(async move {
+                    let _ = server_http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        Backend { addr, state }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.state.name
+    }
+
+    /// Every request received so far, in order.
+    pub fn requests(&self) -> Vec<Seen> {
+        self.state.seen.lock().expect("lock").clone()
+    }
+
+    /// Number of requests received so far.
+    pub fn count(&self) -> usize {
+        self.state.seen.lock().expect("lock").len()
+    }
+
+    /// TCP connections accepted so far.
+    pub fn connections(&self) -> u64 {
+        self.state.accepted.load(Ordering::SeqCst)
+    }
+
+    /// The last request received; panics when there was none.
+    pub fn last(&self) -> Seen {
+        self.state
+            .seen
+            .lock()
+            .expect("lock")
+            .last()
+            .cloned()
+            .unwrap_or_else(|| panic!("back end {} got no request", self.state.name))
+    }
+}
+
+async fn answer(
+    st: &BackendState,
+    req: Request<Incoming>,
+    conn: u64,
+    peer: SocketAddr,
+) -> Response<Full<Bytes>> {
+    let (parts, body) = req.into_parts();
+    let body = match body.collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e) => {
+            let mut resp = Response::new(Full::new(Bytes::from(format!("body error: {e}\n"))));
+            *resp.status_mut() = StatusCode::BAD_REQUEST;
+            return resp;
+        }
+    };
+    st.seen.lock().expect("lock").push(Seen {
+        method: parts.method,
+        uri: parts.uri,
+        headers: parts.headers,
+        body,
+        conn,
+        peer,
+    });
+    let mut resp = Response::new(Full::new(Bytes::from(format!("served by {}\n", st.name))));
+    let h = resp.headers_mut();
+    h.insert("x-backend", HeaderValue::from_str(&st.name).expect("name"));
+    for (k, v) in &st.extra {
+        h.append(k.clone(), v.clone());
+    }
+    resp
+}
+
+/// How a [`RawBackend`] treats each connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RawMode {
+    /// Answer one request, then close the connection without having said so (no
+    /// `Connection: close`), like a keep-alive timeout firing right after.
+    AnswerThenClose,
+    /// Answer the first request; read the second one's head, then close without
+    /// answering (the keep-alive timeout fired as the request arrived).
+    DieOnSecond,
+}
+
+#[derive(Default)]
+struct RawCounts {
+    heads: AtomicUsize,
+    answered: AtomicUsize,
+    closed: AtomicUsize,
+}
+
+/// A back end on plain blocking sockets in its own thread, for connection behaviour
+/// hyper would not produce. It answers `200` with the body `ok\n`, handles one
+/// connection at a time (the tests send requests one after another) and at most
+/// [`RawBackend::MAX_CONNECTIONS`] of them. Request bodies are not read.
+pub struct RawBackend {
+    pub addr: SocketAddr,
+    counts: Arc<RawCounts>,
+}
+
+impl RawBackend {
+    pub const MAX_CONNECTIONS: usize = 1000;
+
+    pub fn start(mode: RawMode) -> RawBackend {
+        use std::io::Write;
+        let listener = std::net::TcpListener::bind("[::1]:0").expect("bind raw back end");
+        let addr = listener.local_addr().expect("addr");
+        let counts = Arc::new(RawCounts::default());
+        let c = Arc::clone(&counts);
+        std::thread::spawn(move || {
+            for stream in listener.incoming().take(Self::MAX_CONNECTIONS) {
+                let Ok(mut s) = stream else { continue };
+                let _ = s.set_read_timeout(Some(STEP));
+                let requests = match mode {
+                    RawMode::AnswerThenClose => 1,
+                    RawMode::DieOnSecond => 2,
+                };
+                for n in 1..=requests {
+                    if !read_head(&mut s) {
+                        break;
+                    }
+                    c.heads.fetch_add(1, Ordering::SeqCst);
+                    if mode == RawMode::DieOnSecond && n == 2 {
+                        break;
+                    }
+                    if s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nok\n")
+                        .is_err()
+                    {
+                        break;
+                    }
+                    c.answered.fetch_add(1, Ordering::SeqCst);
+                }
+                let _ = s.shutdown(std::net::Shutdown::Both);
+                drop(s);
+                c.closed.fetch_add(1, Ordering::SeqCst);
+            }
+        });
+        RawBackend { addr, counts }
+    }
+
+    /// Request heads received.
+    pub fn heads(&self) -> usize {
+        self.counts.heads.load(Ordering::SeqCst)
+    }
+
+    /// Requests answered.
+    pub fn answered(&self) -> usize {
+        self.counts.answered.load(Ordering::SeqCst)
+    }
+
+    /// Waits (bounded) until at least `n` connections were closed.
+    pub async fn wait_closed(&self, n: usize) {
+        let start = std::time::Instant::now();
+        while self.counts.closed.load(Ordering::SeqCst) < n {
+            assert!(start.elapsed() < STEP, "back end closed fewer than {n}");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+}
+
+/// Reads one request head (up to the blank line); false on EOF, error or timeout.
+fn read_head(s: &mut std::net::TcpStream) -> bool {
+    use std::io::Read;
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    // Byte by byte, so that nothing after the head is consumed.
+    while !head.ends_with(b"\r\n\r\n") {
+        match s.read(&mut byte) {
+            Ok(1) => head.push(byte[0]),
+            _ => return false,
+        }
+        if head.len() > 64 * 1024 {
+            return false;
+        }
+    }
+    true
+}
+
+/// An address on `[::1]` where nothing listens (bound, then closed).
+pub fn closed_port() -> SocketAddr {
+    let l = std::net::TcpListener::bind("[::1]:0").expect("bind");
+    l.local_addr().expect("addr")
+}
+
+// ---------------------------------------------------------------------------------
+// The balancer
+// ---------------------------------------------------------------------------------
+
+/// A whole config: `top` (top-level keys such as `trusted_proxies = [...]`), then the
+/// admin listener on `127.0.0.1:0` and a public listener `public` on `127.0.0.1:0`
+/// and `[::1]:0`, then `tables` (routes and pools).
+pub fn config(top: &str, tables: &str) -> String {
+    format!(
+        r#"shutdown_grace = "1s"
+{top}
+
+[admin]
+listen = ["127.0.0.1:0"]
+
+[[listeners]]
+name = "public"
+bind = ["127.0.0.1:0", "[::1]:0"]
+
+{tables}
+"#
+    )
+}
+
+/// Replaces every `{{name}}` in `template` with the address of back end `name`.
+pub fn fill(template: &str, backends: &[&Backend]) -> String {
+    let mut text = template.to_owned();
+    for b in backends {
+        text = text.replace(&format!("{{{{{}}}}}", b.name()), &b.addr.to_string());
+    }
+    assert!(
+        !text.contains("{{"),
+        "unfilled placeholder in config:\n{text}"
+    );
+    text
+}
+
+/// The running balancer and where to reach it.
+pub struct Balancer {
+    pub server: Server,
+    /// The public listener's IPv4 address.
+    pub v4: SocketAddr,
+    /// The public listener's IPv6 address.
+    pub v6: SocketAddr,
+    /// The admin listener's address.
+    pub admin: SocketAddr,
+}
+
+impl Balancer {
+    /// Validates `toml` and starts the real balancer on this runtime.
+    pub async fn start(toml: &str) -> Balancer {
+        let snapshot = launchday::config::load_str(toml, Path::new("."), None)
+            .unwrap_or_else(|e| panic!("config rejected:\n{e}\n--- config ---\n{toml}"));
+        let server = Server::start(snapshot, prometheus::Registry::new())
+            .await
+            .expect("balancer starts");
+        let find = |v4: bool| {
+            server
+                .bound()
+                .iter()
+                .map(|b| b.addr)
+                .find(|a| a.is_ipv4() == v4)
+                .expect("bound address of the family")
+        };
+        let (v4, v6) = (find(true), find(false));
+        assert_ne!(v4.port(), 0);
+        assert_ne!(v6.port(), 0);
+        let admin = *server.admin_addrs().first().expect("admin address");
+        assert_ne!(admin.port(), 0);
+        Balancer {
+            v4,
+            v6,
+            admin,
+            server,
+        }
+    }
+
+    /// `GET /metrics` on the admin listener; asserts 200.
+    pub async fn metrics(&self) -> String {
+        let r = get(self.admin, "/metrics").await;
+        assert_eq!(r.status, StatusCode::OK, "admin /metrics: {}", r.text());
+        r.text()
+    }
+}
+
+/// The value of the series written exactly as `series` (name and labels in
+/// Prometheus' sorted label order), if present.
+pub fn metric(text: &str, series: &str) -> Option<f64> {
+    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        let (name, value) = l.rsplit_once(' ')?;
+        (name == series).then(|| value.parse().expect("metric value"))
+    })
+}
+
+// ---------------------------------------------------------------------------------
+// The client
+// ---------------------------------------------------------------------------------
+
+/// A response, read to the end.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Reply {
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    /// Every value of header `name`.
+    pub fn all(&self, name: &str) -> Vec<String> {
+        self.headers
+            .get_all(name)
+            .iter()
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+            .collect()
+    }
+
+    /// The only value of header `name`; panics if there are several.
+    pub fn header(&self, name: &str) -> Option<String> {
+        let all = self.all(name);
+        assert!(all.len() <= 1, "{name} sent {} times: {all:?}", all.len());
+        all.into_iter().next()
+    }
+}
+
+/// One HTTP/1.1 client connection (keep-alive; requests are sent one after another).
+pub struct Client {
+    addr: SocketAddr,
+    sender: client_http1::SendRequest<Full<Bytes>>,
+}
+
+impl Client {
+    pub async fn connect(addr: SocketAddr) -> Client {
+        let stream = tokio::time::timeout(STEP, TcpStream::connect(addr))
+            .await
+            .expect("connect in time")
+            .unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+        let _ = stream.set_nodelay(true);
+        let (sender, conn) = client_http1::handshake(TokioIo::new(stream))
+            .await
+            .expect("handshake");
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        Client { addr, sender }
+    }
+
+    /// The address this client is connected to.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Sends `req` (adding `Host: <addr>` when it has none) and reads the whole answer.
+    pub async fn send(&mut self, mut req: Request<Full<Bytes>>) -> Reply {
+        if !req.headers().contains_key(HOST) {
+            let host = HeaderValue::from_str(&self.addr.to_string()).expect("host");
+            req.headers_mut().insert(HOST, host);
+        }
+        let round_trip = async {
+            self.sender.ready().await.expect("connection ready");
+            let resp = self.sender.send_request(req).await.expect("response");
+            let (parts, body) = resp.into_parts();
+            let body = body.collect().await.expect("response body").to_bytes();
+            Reply {
+                status: parts.status,
+                headers: parts.headers,
+                body,
+            }
+        };
+        tokio::time::timeout(STEP, round_trip)
+            .await
+            .expect("answer in time")
+    }
+
+    /// `GET path` with extra `headers`.
+    pub async fn get_with(&mut self, path: &str, headers: &[(&str, &str)]) -> Reply {
+        self.send(request(Method::GET, path, headers, Bytes::new()))
+            .await
+    }
+
+    /// `GET path`.
+    pub async fn get(&mut self, path: &str) -> Reply {
+        self.get_with(path, &[]).await
+    }
+
+    /// Whether the connection is still open.
+    pub fn is_open(&self) -> bool {
+        !self.sender.is_closed()
+    }
+}
+
+/// A request with `headers` (appended in order, so a name may repeat) and `body`.
+pub fn request(
+    method: Method,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Bytes,
+) -> Request<Full<Bytes>> {
+    let mut req = Request::new(Full::new(body));
+    *req.method_mut() = method;
+    *req.uri_mut() = path.parse().expect("path");
+    for (k, v) in headers {
+        req.headers_mut().append(
+            HeaderName::from_bytes(k.as_bytes()).expect("header name"),
+            HeaderValue::from_str(v).expect("header value"),
+        );
+    }
+    req
+}
+
+/// Writes `bytes` on a fresh connection and reads until the peer closes it (send
+/// `Connection: close`). For requests the hyper client would not produce.
+pub async fn raw(addr: SocketAddr, bytes: &[u8]) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let exchange = async {
+        let mut s = TcpStream::connect(addr).await.expect("connect");
+        s.write_all(bytes).await.expect("write");
+        let mut out = Vec::new();
+        s.read_to_end(&mut out).await.expect("read");
+        String::from_utf8_lossy(&out).into_owned()
+    };
+    tokio::time::timeout(STEP, exchange)
+        .await
+        .expect("answer and close in time")
+}
+
+/// One `GET path` on a fresh connection.
+pub async fn get(addr: SocketAddr, path: &str) -> Reply {
+    Client::connect(addr).await.get(path).await
+}
