@@ -538,3 +538,244 @@ pub async fn raw(addr: SocketAddr, bytes: &[u8]) -> String {
 pub async fn get(addr: SocketAddr, path: &str) -> Reply {
     Client::connect(addr).await.get(path).await
 }
+
+// ---------------------------------------------------------------------------------
+// Added for tests/admission.rs: slow back ends, a base dir for the balancer, waiting
+// for metrics.
+// ---------------------------------------------------------------------------------
+
+struct SlowState {
+    name: String,
+    delay: Duration,
+    /// Answers wait (after `delay`) until this is `true`.
+    gate: tokio::sync::watch::Sender<bool>,
+    seen: Mutex<Vec<Seen>>,
+    in_flight: AtomicUsize,
+    max_in_flight: AtomicUsize,
+    answered: AtomicUsize,
+}
+
+/// A recording back end on `[::1]:0` like [`Backend`], except that it takes `delay`
+/// to answer each request and, while *held*, does not answer at all until released
+/// (at most [`SlowBackend::MAX_HOLD`]). A request is recorded as soon as its body has
+/// been read, before the delay.
+#[derive(Clone)]
+pub struct SlowBackend {
+    pub addr: SocketAddr,
+    state: Arc<SlowState>,
+}
+
+impl SlowBackend {
+    /// Longest time a held answer waits for [`SlowBackend::release`].
+    pub const MAX_HOLD: Duration = Duration::from_secs(30);
+
+    /// A back end that answers every request after `delay`.
+    pub async fn start(name: &str, delay: Duration) -> SlowBackend {
+        Self::new(name, delay, true).await
+    }
+
+    /// A back end that answers nothing until [`SlowBackend::release`] (and then after
+    /// `delay` from each request's arrival at the earliest).
+    pub async fn held(name: &str, delay: Duration) -> SlowBackend {
+        Self::new(name, delay, false).await
+    }
+
+    async fn new(name: &str, delay: Duration, open: bool) -> SlowBackend {
+        let listener = TcpListener::bind("[::1]:0").await.expect("bind back end");
+        let addr = listener.local_addr().expect("back end addr");
+        let (gate, _) = tokio::sync::watch::channel(open);
+        let state = Arc::new(SlowState {
+            name: name.to_owned(),
+            delay,
+            gate,
+            seen: Mutex::new(Vec::new()),
+            in_flight: AtomicUsize::new(0),
+            max_in_flight: AtomicUsize::new(0),
+            answered: AtomicUsize::new(0),
+        });
+        let st = Arc::clone(&state);
+        tokio::spawn(async move {
+            let mut accepted = 0u64;
+            loop {
+                let Ok((stream, peer)) = listener.accept().await else {
+                    continue;
+                };
+                accepted += 1;
+                let conn = accepted;
+                let st = Arc::clone(&st);
+                let svc = service_fn(move |req: Request<Incoming>| {
+                    let st = Arc::clone(&st);
+                    async move { Ok::<_, Infallible>(slow_answer(&st, req, conn, peer).await) }
+                });
+                tokio::spawn(async move {
+                    let _ = server_http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        SlowBackend { addr, state }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.state.name
+    }
+
+    /// Stops answering (requests already waiting keep waiting).
+    pub fn hold(&self) {
+        self.state.gate.send_replace(false);
+    }
+
+    /// Answers every held request (each once its delay has passed) and new ones.
+    pub fn release(&self) {
+        self.state.gate.send_replace(true);
+    }
+
+    /// Every request received so far, in arrival order.
+    pub fn requests(&self) -> Vec<Seen> {
+        self.state.seen.lock().expect("lock").clone()
+    }
+
+    /// Number of requests received so far.
+    pub fn count(&self) -> usize {
+        self.state.seen.lock().expect("lock").len()
+    }
+
+    /// Requests received and not answered yet.
+    pub fn in_flight(&self) -> usize {
+        self.state.in_flight.load(Ordering::SeqCst)
+    }
+
+    /// The most requests it ever had in flight at once.
+    pub fn max_in_flight(&self) -> usize {
+        self.state.max_in_flight.load(Ordering::SeqCst)
+    }
+
+    /// Requests answered so far.
+    pub fn answered(&self) -> usize {
+        self.state.answered.load(Ordering::SeqCst)
+    }
+
+    /// Waits (bounded by [`STEP`]) until it has received `n` requests.
+    pub async fn wait_count(&self, n: usize) {
+        wait_until(&format!("back end {} received {n}", self.name()), || {
+            self.count() >= n
+        })
+        .await;
+    }
+}
+
+async fn slow_answer(
+    st: &SlowState,
+    req: Request<Incoming>,
+    conn: u64,
+    peer: SocketAddr,
+) -> Response<Full<Bytes>> {
+    let arrived = tokio::time::Instant::now();
+    let (parts, body) = req.into_parts();
+    let body = match body.collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e) => {
+            let mut resp = Response::new(Full::new(Bytes::from(format!("body error: {e}\n"))));
+            *resp.status_mut() = StatusCode::BAD_REQUEST;
+            return resp;
+        }
+    };
+    let now = st.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+    st.max_in_flight.fetch_max(now, Ordering::SeqCst);
+    st.seen.lock().expect("lock").push(Seen {
+        method: parts.method,
+        uri: parts.uri,
+        headers: parts.headers,
+        body,
+        conn,
+        peer,
+    });
+    tokio::time::sleep_until(arrived + st.delay).await;
+    let mut gate = st.gate.subscribe();
+    let _ = tokio::time::timeout(SlowBackend::MAX_HOLD, gate.wait_for(|open| *open)).await;
+    st.in_flight.fetch_sub(1, Ordering::SeqCst);
+    st.answered.fetch_add(1, Ordering::SeqCst);
+    let mut resp = Response::new(Full::new(Bytes::from(format!("served by {}\n", st.name))));
+    resp.headers_mut()
+        .insert("x-backend", HeaderValue::from_str(&st.name).expect("name"));
+    resp
+}
+
+/// Polls `cond` every 2 ms until it holds; fails the test after [`STEP`].
+pub async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let start = std::time::Instant::now();
+    for _ in 0..100_000 {
+        if cond() {
+            return;
+        }
+        assert!(start.elapsed() < STEP, "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    panic!("gave up waiting until {what}");
+}
+
+impl Balancer {
+    /// Like [`Balancer::start`], with relative paths in the config (the maintenance
+    /// page) resolved against `base_dir`.
+    pub async fn start_in(toml: &str, base_dir: &Path) -> Balancer {
+        let snapshot = launchday::config::load_str(toml, base_dir, None)
+            .unwrap_or_else(|e| panic!("config rejected:\n{e}\n--- config ---\n{toml}"));
+        let server = Server::start(snapshot, prometheus::Registry::new())
+            .await
+            .expect("balancer starts");
+        let find = |v4: bool| {
+            server
+                .bound()
+                .iter()
+                .map(|b| b.addr)
+                .find(|a| a.is_ipv4() == v4)
+                .expect("bound address of the family")
+        };
+        let (v4, v6) = (find(true), find(false));
+        let admin = *server.admin_addrs().first().expect("admin address");
+        Balancer {
+            v4,
+            v6,
+            admin,
+            server,
+        }
+    }
+
+    /// The value of metric `series` now (see [`metric`]); `None` when absent.
+    pub async fn metric(&self, series: &str) -> Option<f64> {
+        metric(&self.metrics().await, series)
+    }
+
+    /// Polls `/metrics` until `series` has `value`; fails the test after [`STEP`],
+    /// showing the last value seen.
+    pub async fn wait_metric(&self, series: &str, value: f64) {
+        let start = std::time::Instant::now();
+        let mut last = None;
+        for _ in 0..10_000 {
+            last = self.metric(series).await;
+            if last == Some(value) {
+                return;
+            }
+            assert!(
+                start.elapsed() < STEP,
+                "timed out waiting for {series} == {value}; last {last:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        panic!("gave up waiting for {series} == {value}; last {last:?}");
+    }
+
+    /// `POST path` on the admin listener with `body`.
+    pub async fn admin_post(&self, path: &str, body: &str) -> Reply {
+        Client::connect(self.admin)
+            .await
+            .send(request(
+                Method::POST,
+                path,
+                &[],
+                Bytes::copy_from_slice(body.as_bytes()),
+            ))
+            .await
+    }
+}
