@@ -38,6 +38,17 @@ pub struct Forwarded {
     pub trusted: bool,
     /// `http` or `https`.
     pub proto: HeaderValue,
+    /// The listener the connection came in on.
+    pub listener: std::sync::Arc<str>,
+    /// Present on TLS connections.
+    pub tls: Option<TlsInfo>,
+}
+
+/// What the TLS handshake told us about a connection.
+#[derive(Debug, Clone)]
+pub struct TlsInfo {
+    /// The server name the client asked for (SNI), if any.
+    pub sni: Option<Box<str>>,
 }
 
 /// Removes hop-by-hop headers, including those named by `Connection`.
@@ -124,6 +135,8 @@ mod tests {
             peer_ip: HeaderValue::from_static("2001:db8::7"),
             trusted,
             proto: HeaderValue::from_static("http"),
+            listener: "public".into(),
+            tls: None,
         }
     }
 

@@ -17,4 +17,5 @@ pub mod pool;
 pub mod proxy;
 pub mod route;
 pub mod server;
+pub mod tls;
 pub mod upstream;

@@ -1,4 +1,5 @@
-//! Listening sockets and the accept loops that serve HTTP/1.1 on them.
+//! Listening sockets and the accept loops that serve them: HTTP/1.1 on plain
+//! listeners; TLS then HTTP/2 or HTTP/1.1 (by ALPN) on TLS listeners.
 //!
 //! Each bind address gets its own socket, made with socket2 so that we own its
 //! options: `SO_REUSEADDR` (restart while old connections sit in TIME_WAIT),
@@ -17,14 +18,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::HeaderValue;
-use hyper::server::conn::http1;
+use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use socket2::{Domain, Protocol, Socket, Type};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
 
-use crate::headers::Forwarded;
+use crate::headers::{Forwarded, TlsInfo};
 use crate::proxy::Proxy;
 
 /// Listen backlog (`net.core.somaxconn` caps it).
@@ -57,14 +59,29 @@ pub fn bind(addr: SocketAddr) -> Result<TcpListener, ListenerError> {
 }
 
 /// Settings of one public listener's connections.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ServeOptions {
-    /// Whole-request-head deadline.
+    /// The listener's name (to find its settings in the live snapshot).
+    pub listener: Arc<str>,
+    /// Whole-request-head deadline (also bounds the TLS handshake).
     pub header_timeout: Duration,
-    /// `http` or `https` for `X-Forwarded-Proto`.
-    pub proto: &'static str,
     /// Peers whose forwarding headers are trusted.
     pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// Present on TLS listeners.
+    pub tls: Option<TlsAcceptor>,
+}
+
+/// HTTP/2 limits, set explicitly rather than left to library defaults.
+pub mod h2_limits {
+    /// Concurrent streams per connection.
+    pub const MAX_CONCURRENT_STREAMS: u32 = 100;
+    /// Header list size (uncompressed), bytes. CONTINUATION frames count against it.
+    pub const MAX_HEADER_LIST_SIZE: u32 = 64 * 1024;
+    /// Streams reset by the client before we accepted them (rapid reset,
+    /// CVE-2023-44487): more than this and the connection gets GOAWAY.
+    pub const MAX_PENDING_ACCEPT_RESET_STREAMS: usize = 20;
+    /// Streams we reset because of client errors before GOAWAY.
+    pub const MAX_LOCAL_ERROR_RESET_STREAMS: usize = 256;
 }
 
 /// Accepts connections on `listener` until `stop` resolves, serving each with `proxy`.
@@ -93,33 +110,101 @@ pub async fn serve(
             }
         };
         let _ = stream.set_nodelay(true);
-        let peer_ip = peer.ip().to_canonical();
-        let fwd = Arc::new(Forwarded {
-            peer: peer_ip,
-            // An IP address always formats as a valid header value.
-            peer_ip: HeaderValue::from_str(&peer_ip.to_string())
-                .unwrap_or_else(|_| HeaderValue::from_static("unknown")),
-            trusted: opts.trusted_proxies.iter().any(|n| n.contains(&peer_ip)),
-            proto: HeaderValue::from_static(opts.proto),
-        });
+        let watcher = graceful.watcher();
         let proxy = Arc::clone(&proxy);
-        let svc = service_fn(move |req| {
-            let proxy = Arc::clone(&proxy);
-            let fwd = Arc::clone(&fwd);
-            async move { Ok::<_, Infallible>(proxy.handle(req, &fwd).await) }
-        });
-        let conn = http1::Builder::new()
-            .timer(TokioTimer::new())
-            .header_read_timeout(opts.header_timeout)
-            .keep_alive(true)
-            .serve_connection(TokioIo::new(stream), svc);
-        let conn = graceful.watch(conn);
+        let opts = Arc::clone(&opts);
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
+            if let Err(e) = connection(stream, peer, proxy, &opts, watcher).await {
                 tracing::debug!(%peer, error = %e, "client connection ended");
             }
         });
     }
+}
+
+/// Errors that end one client connection (logged at debug level).
+#[derive(Debug, thiserror::Error)]
+pub enum ConnError {
+    #[error("TLS handshake: {0}")]
+    Handshake(std::io::Error),
+    #[error("TLS handshake timed out")]
+    HandshakeTimeout,
+    #[error(transparent)]
+    Http(#[from] hyper::Error),
+}
+
+async fn connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    proxy: Arc<Proxy>,
+    opts: &ServeOptions,
+    watcher: Watcher,
+) -> Result<(), ConnError> {
+    let peer_ip = peer.ip().to_canonical();
+    let mut fwd = Forwarded {
+        peer: peer_ip,
+        // An IP address always formats as a valid header value.
+        peer_ip: HeaderValue::from_str(&peer_ip.to_string())
+            .unwrap_or_else(|_| HeaderValue::from_static("unknown")),
+        trusted: opts.trusted_proxies.iter().any(|n| n.contains(&peer_ip)),
+        proto: HeaderValue::from_static("http"),
+        listener: Arc::clone(&opts.listener),
+        tls: None,
+    };
+    let Some(acceptor) = &opts.tls else {
+        return serve_http1(TokioIo::new(stream), proxy, fwd, opts, watcher).await;
+    };
+    let tls = match tokio::time::timeout(opts.header_timeout, acceptor.accept(stream)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => return Err(ConnError::Handshake(e)),
+        Err(_) => return Err(ConnError::HandshakeTimeout),
+    };
+    let (_, session) = tls.get_ref();
+    let h2 = session.alpn_protocol() == Some(b"h2");
+    fwd.proto = HeaderValue::from_static("https");
+    fwd.tls = Some(TlsInfo {
+        sni: session.server_name().map(Box::from),
+    });
+    if !h2 {
+        return serve_http1(TokioIo::new(tls), proxy, fwd, opts, watcher).await;
+    }
+    let fwd = Arc::new(fwd);
+    let svc = service_fn(move |req| {
+        let proxy = Arc::clone(&proxy);
+        let fwd = Arc::clone(&fwd);
+        async move { Ok::<_, Infallible>(proxy.handle(req, &fwd).await) }
+    });
+    let conn = http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(h2_limits::MAX_CONCURRENT_STREAMS)
+        .max_header_list_size(h2_limits::MAX_HEADER_LIST_SIZE)
+        .max_pending_accept_reset_streams(h2_limits::MAX_PENDING_ACCEPT_RESET_STREAMS)
+        .max_local_error_reset_streams(h2_limits::MAX_LOCAL_ERROR_RESET_STREAMS)
+        .serve_connection(TokioIo::new(tls), svc);
+    Ok(watcher.watch(conn).await?)
+}
+
+async fn serve_http1<I>(
+    io: TokioIo<I>,
+    proxy: Arc<Proxy>,
+    fwd: Forwarded,
+    opts: &ServeOptions,
+    watcher: Watcher,
+) -> Result<(), ConnError>
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let fwd = Arc::new(fwd);
+    let svc = service_fn(move |req| {
+        let proxy = Arc::clone(&proxy);
+        let fwd = Arc::clone(&fwd);
+        async move { Ok::<_, Infallible>(proxy.handle(req, &fwd).await) }
+    });
+    let conn = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(opts.header_timeout)
+        .keep_alive(true)
+        .serve_connection(io, svc);
+    Ok(watcher.watch(conn).await?)
 }
 
 #[cfg(test)]

@@ -18,12 +18,13 @@ use hyper::body::Incoming;
 use parking_lot::Mutex;
 
 use crate::body::Body;
-use crate::config::{Class, Snapshot};
+use crate::config::{Class, ListenerSpec, Snapshot};
 use crate::headers::{self, Forwarded, X_LAUNCHDAY_ERROR, X_SERVED_BY};
 use crate::maintenance::{MaintenancePage, BEACON_PATH};
 use crate::metrics::{CodeCounters, Metrics};
 use crate::pool::Pool;
-use crate::route::Router;
+use crate::route::{strip_port, Router};
+use crate::tls::certs;
 use crate::upstream::Upstream;
 
 /// What a request needs from the configuration, built once per snapshot.
@@ -106,11 +107,61 @@ impl Proxy {
     /// Handles one request from a client.
     pub async fn handle(&self, req: Request<Incoming>, fwd: &Forwarded) -> Response<Body> {
         let live = self.live.load_full();
+        let listener = live
+            .snapshot
+            .listeners
+            .iter()
+            .find(|l| *l.name == *fwd.listener);
+        let mut resp = self.respond(&live, listener, req, fwd).await;
+        if fwd.tls.is_some() {
+            if let Some(hsts) = listener
+                .and_then(|l| l.tls.as_ref())
+                .and_then(|t| t.hsts.as_ref())
+            {
+                resp.headers_mut()
+                    .insert(header::STRICT_TRANSPORT_SECURITY, hsts.clone());
+            }
+        }
+        resp
+    }
+
+    async fn respond(
+        &self,
+        live: &Live,
+        listener: Option<&ListenerSpec>,
+        req: Request<Incoming>,
+        fwd: &Forwarded,
+    ) -> Response<Body> {
         if req.uri().path() == BEACON_PATH {
             self.metrics.beacon();
             return beacon();
         }
         let host = request_host(&req);
+        match (&fwd.tls, listener) {
+            (None, Some(l)) if l.redirect_https => {
+                let resp = redirect_https(host, req.uri());
+                self.unrouted.inc(resp.status());
+                return resp;
+            }
+            (Some(info), Some(l)) => {
+                if let (Some(tls), Some(h)) = (&l.tls, host) {
+                    let h = strip_port(h);
+                    let for_host = certs::select(&tls.certificates, Some(h), tls.default);
+                    let for_sni =
+                        certs::select(&tls.certificates, info.sni.as_deref(), tls.default);
+                    if for_host != for_sni {
+                        let resp = local(
+                            StatusCode::MISDIRECTED_REQUEST,
+                            "misdirected_request",
+                            "This connection was opened for another site; open a new one for this host.\n",
+                        );
+                        self.unrouted.inc(resp.status());
+                        return resp;
+                    }
+                }
+            }
+            _ => {}
+        }
         let Some(matched) = live.router.route(host, req.uri().path()) else {
             let resp = local(
                 StatusCode::NOT_FOUND,
@@ -145,6 +196,35 @@ impl Proxy {
         };
         pool.metrics.duration.observe(start.elapsed().as_secs_f64());
         resp
+    }
+}
+
+/// `308` to the same host, path and query over https (no host: `400`).
+fn redirect_https(host: Option<&str>, uri: &Uri) -> Response<Body> {
+    let Some(host) = host.map(strip_port).filter(|h| !h.is_empty()) else {
+        return local(
+            StatusCode::BAD_REQUEST,
+            "missing_host",
+            "A Host header is needed to redirect to https.\n",
+        );
+    };
+    let pq = uri.path_and_query().map_or("/", |pq| pq.as_str());
+    match HeaderValue::from_str(&format!("https://{host}{pq}")) {
+        Ok(location) => {
+            let mut resp = local(
+                StatusCode::PERMANENT_REDIRECT,
+                "redirect_https",
+                "Moved to https.\n",
+            );
+            resp.headers_mut().remove(X_LAUNCHDAY_ERROR.clone());
+            resp.headers_mut().insert(header::LOCATION, location);
+            resp
+        }
+        Err(_) => local(
+            StatusCode::BAD_REQUEST,
+            "bad_host",
+            "Invalid Host header.\n",
+        ),
     }
 }
 

@@ -62,7 +62,7 @@ impl Router {
 }
 
 /// `example.org:8080` → `example.org`; `[::1]:80` → `[::1]`; a trailing dot is dropped.
-fn strip_port(host: &str) -> &str {
+pub fn strip_port(host: &str) -> &str {
     let h = if host.starts_with('[') {
         match host.find(']') {
             Some(end) => &host[..=end],

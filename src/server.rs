@@ -21,6 +21,8 @@ use crate::config::Snapshot;
 use crate::listener::{self, ServeOptions};
 use crate::metrics::{Metrics, MetricsError};
 use crate::proxy::Proxy;
+use crate::tls;
+use tokio_rustls::TlsAcceptor;
 
 /// Errors of starting the server.
 #[derive(Debug, thiserror::Error)]
@@ -32,6 +34,8 @@ pub enum ServerError {
     },
     #[error(transparent)]
     Metrics(#[from] MetricsError),
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
 }
 
 /// A bound public socket.
@@ -81,14 +85,29 @@ impl Server {
         let proxy = Proxy::new(Arc::clone(&snapshot), metrics);
         let (stop, stop_rx) = watch::channel(false);
         let graceful = Arc::new(GracefulShutdown::new());
-        let opts = ServeOptions {
-            header_timeout: snapshot.limits.header_timeout,
-            proto: "http",
-            trusted_proxies: snapshot.trusted_proxies.clone(),
-        };
+        let mut options = std::collections::HashMap::new();
+        for l in &snapshot.listeners {
+            let tls = match &l.tls {
+                Some(_) => {
+                    let resolver = tls::SniResolver::new(Arc::clone(&proxy), &l.name);
+                    Some(TlsAcceptor::from(tls::server_config(resolver)?))
+                }
+                None => None,
+            };
+            let opts = ServeOptions {
+                listener: l.name.as_str().into(),
+                header_timeout: snapshot.limits.header_timeout,
+                trusted_proxies: snapshot.trusted_proxies.clone(),
+                tls,
+            };
+            options.insert(l.name.clone(), opts);
+        }
         let mut bound = Vec::new();
         let mut accept_tasks = Vec::new();
         for (name, configured, sock) in public {
+            let Some(opts) = options.get(&name) else {
+                continue;
+            };
             let addr = sock.local_addr().unwrap_or(configured);
             tracing::info!(listener = %name, %addr, "listening");
             bound.push(Bound {

@@ -65,6 +65,32 @@ pub struct ListenerConfig {
     pub bind: Option<Vec<String>>,
     /// `redirect_https`: answer every request with `308` to `https://`. Default `false`.
     pub redirect_https: Option<bool>,
+    /// `[listeners.tls]`: present = this listener speaks TLS. Default: plain HTTP.
+    pub tls: Option<TlsConfig>,
+}
+
+/// `[listeners.tls]`.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// `certificates = [{ cert, key }]`: PEM files relative to the config file. Required,
+    /// non-empty; no default.
+    pub certificates: Option<Vec<CertificateConfig>>,
+    /// `default_certificate`: a name one of the certificates covers; its certificate
+    /// goes to clients without SNI or with an unknown name. Default: the first.
+    pub default_certificate: Option<String>,
+    /// `hsts`: `Strict-Transport-Security` value, e.g. `"max-age=31536000"`. Default: none.
+    pub hsts: Option<String>,
+}
+
+/// One `{ cert, key }` entry.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CertificateConfig {
+    /// `cert`: PEM certificate chain, end-entity first. Required.
+    pub cert: Option<String>,
+    /// `key`: PEM private key (PKCS#8, SEC1 or PKCS#1). Required.
+    pub key: Option<String>,
 }
 
 /// One `[[routes]]` entry.

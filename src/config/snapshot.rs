@@ -13,6 +13,8 @@ use std::time::Duration;
 use http::HeaderValue;
 use ipnet::IpNet;
 
+pub use crate::tls::certs::LoadedCert;
+
 /// One whole, valid configuration.
 #[derive(Debug, Clone)]
 pub struct Snapshot {
@@ -55,8 +57,21 @@ pub struct ListenerSpec {
     pub name: String,
     /// Each address gets its own socket; IPv6 ones are `IPV6_V6ONLY`.
     pub bind: Vec<SocketAddr>,
-    /// Plain listener answering `308` to `https://` (TLS issue).
+    /// Plain listener answering `308` to `https://`.
     pub redirect_https: bool,
+    /// TLS settings; `None` = plain HTTP.
+    pub tls: Option<TlsSpec>,
+}
+
+/// `[listeners.tls]`: certificates (loaded and checked), default, HSTS.
+#[derive(Debug, Clone)]
+pub struct TlsSpec {
+    /// In config order; never empty.
+    pub certificates: Vec<LoadedCert>,
+    /// Index of the certificate for clients without SNI or with an unknown name.
+    pub default: usize,
+    /// `Strict-Transport-Security` value added to every answer.
+    pub hsts: Option<HeaderValue>,
 }
 
 /// How a route's host is matched (case-insensitively, port stripped).

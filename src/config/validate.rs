@@ -55,7 +55,8 @@ pub fn validate(
         .collect();
     let mut binds = listeners::Binds::default();
     let admin = listeners::admin(e, raw.admin.unwrap_or_default(), &mut binds);
-    let listeners = listeners::listeners(e, raw.listeners.unwrap_or_default(), &mut binds);
+    let listeners =
+        listeners::listeners(e, raw.listeners.unwrap_or_default(), &mut binds, base_dir);
     let raw_pools = raw.pools.unwrap_or_default();
     let routes = routes(e, raw.routes.unwrap_or_default(), &raw_pools);
     let pools = raw_pools

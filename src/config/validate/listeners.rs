@@ -5,8 +5,13 @@ use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr};
 
 use crate::config::fields::{self, key_segment, Errors};
-use crate::config::model::{AdminConfig, ListenerConfig};
-use crate::config::{AdminSpec, ConfigError, ListenerSpec};
+use std::path::Path;
+
+use http::HeaderValue;
+
+use crate::config::model::{AdminConfig, ListenerConfig, TlsConfig};
+use crate::config::{AdminSpec, ConfigError, ListenerSpec, TlsSpec};
+use crate::tls::certs::{self, Part};
 
 pub(super) const ADMIN_LISTEN: SocketAddr =
     SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::LOCALHOST), 9090);
@@ -81,6 +86,7 @@ pub(super) fn listeners(
     e: &mut Errors,
     raw: Vec<ListenerConfig>,
     binds: &mut Binds,
+    base_dir: &Path,
 ) -> Vec<ListenerSpec> {
     if raw.is_empty() {
         e.push(
@@ -128,13 +134,111 @@ pub(super) fn listeners(
                 }
             }
         }
+        let redirect_https = listener.redirect_https.unwrap_or(false);
+        let tls = listener
+            .tls
+            .and_then(|t| tls(e, &format!("{label}.tls"), t, base_dir));
+        if redirect_https && tls.is_some() {
+            e.push(
+                ConfigError::new(
+                    format!("{label}.redirect_https"),
+                    "a TLS listener cannot redirect to https",
+                )
+                .with_hint("redirect_https is for a plain listener beside the TLS one"),
+            );
+        }
         specs.push(ListenerSpec {
             name,
             bind,
-            redirect_https: listener.redirect_https.unwrap_or(false),
+            redirect_https,
+            tls,
         });
     }
     specs
+}
+
+fn tls(e: &mut Errors, label: &str, raw: TlsConfig, base_dir: &Path) -> Option<TlsSpec> {
+    let entries = raw.certificates.unwrap_or_default();
+    if entries.is_empty() {
+        e.push(
+            ConfigError::new(format!("{label}.certificates"), "no certificates")
+                .with_hint("certificates = [{ cert = \"site.pem\", key = \"site.key\" }]"),
+        );
+    }
+    let mut certificates = Vec::new();
+    let mut ok = true;
+    for (i, c) in entries.into_iter().enumerate() {
+        let at = format!("{label}.certificates[{i}]");
+        let (Some(cert), Some(key)) = (c.cert, c.key) else {
+            e.push(
+                ConfigError::new(at, "needs both cert and key")
+                    .with_hint("{ cert = \"a.pem\", key = \"a.key\" }"),
+            );
+            ok = false;
+            continue;
+        };
+        match certs::load(&base_dir.join(&cert), &base_dir.join(&key)) {
+            Ok(loaded) => certificates.push(loaded),
+            Err((part, err)) => {
+                let field = match part {
+                    Part::Cert => "cert",
+                    Part::Key => "key",
+                };
+                e.push(ConfigError::new(format!("{at}.{field}"), err.to_string()));
+                ok = false;
+            }
+        }
+    }
+    let default = match raw.default_certificate {
+        None => 0,
+        Some(name) => {
+            let lower = name.to_ascii_lowercase();
+            match certificates.iter().position(|c| {
+                c.names
+                    .iter()
+                    .any(|n| n == &lower || certs::covers(n, &lower))
+            }) {
+                Some(i) => i,
+                None => {
+                    if ok {
+                        let known: Vec<&str> = certificates
+                            .iter()
+                            .flat_map(|c| c.names.iter().map(String::as_str))
+                            .collect();
+                        e.push(
+                            ConfigError::new(
+                                format!("{label}.default_certificate"),
+                                format!("no certificate covers {name:?}"),
+                            )
+                            .with_hint(format!("names: {}", known.join(", "))),
+                        );
+                    }
+                    0
+                }
+            }
+        }
+    };
+    let hsts = raw.hsts.and_then(|v| {
+        let valid = v.trim_start().to_ascii_lowercase().starts_with("max-age=");
+        match HeaderValue::from_str(&v) {
+            Ok(h) if valid => Some(h),
+            _ => {
+                e.push(
+                    ConfigError::new(
+                        format!("{label}.hsts"),
+                        format!("{v:?} is not a Strict-Transport-Security value"),
+                    )
+                    .with_hint("e.g. \"max-age=31536000; includeSubDomains\""),
+                );
+                None
+            }
+        }
+    });
+    (ok && !certificates.is_empty()).then_some(TlsSpec {
+        certificates,
+        default,
+        hsts,
+    })
 }
 
 #[cfg(test)]
