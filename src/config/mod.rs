@@ -284,7 +284,7 @@ mod tests {
             "[[listeners]]\nname = \"a\"\nbind = [\"[::1]:1\"]\n[listeners.tls]\ncert = \"x\"\n";
         assert_eq!(
             parse_error(tls),
-            "listeners[0].tls: unknown key (expected one of: name, bind, redirect_https; line 4)"
+            "listeners[0].tls.cert: unknown key (expected one of: certificates, default_certificate, hsts; line 5)"
         );
         assert!(parse_error("[pools.\"a.b\"]\nx = 1\n").starts_with("pools.\"a.b\".x: unknown key"));
     }
