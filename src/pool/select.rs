@@ -9,8 +9,9 @@
 //! back end `weight` times, which sends bursts.
 //!
 //! Invariants: a back end with weight 0 or that the caller marks ineligible is never
-//! picked and its `current` is left untouched; `current` values stay bounded
-//! (|current| ≤ Σ weights) so they never overflow.
+//! picked and its `current` is left untouched; `current` values stay bounded (they
+//! sum to 0 after every pick with a fixed eligible set and each stays above −W, so
+//! |current| < n·W), so they never overflow an `i64`.
 
 /// The selector's state: one `current` value per back end, in config order.
 #[derive(Debug, Clone, Default)]
@@ -168,7 +169,9 @@ mod tests {
             let mut s = SmoothWrr::new(weights.len());
             for _ in 0..5000 {
                 s.pick(|i| weights[i]);
-                prop_assert!(s.current.iter().all(|c| c.abs() <= total));
+                let n = weights.len() as i64;
+                prop_assert!(s.current.iter().all(|c| c.abs() < n * total));
+                prop_assert_eq!(s.current.iter().sum::<i64>(), 0);
             }
         }
     }
