@@ -179,6 +179,13 @@ impl Metrics {
         }
     }
 
+    /// Removes the per-back-end gauges of a back end a reload removed (its request
+    /// counters stay: counters must not go backwards).
+    pub fn forget_backend(&self, pool: &str, backend: &str) {
+        let _ = self.backend_weight.remove_label_values(&[pool, backend]);
+        let _ = self.backend_in_flight.remove_label_values(&[pool, backend]);
+    }
+
     /// Counters for requests that matched no route (`pool="-"`, `backend="-"`).
     pub fn unrouted(&self) -> CodeCounters {
         CodeCounters::new(&self.requests, LOCAL_BACKEND, LOCAL_BACKEND)

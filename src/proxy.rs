@@ -44,6 +44,8 @@ pub struct Proxy {
     unrouted: CodeCounters,
     /// Connection pools by back-end address, shared by pools and kept across reloads.
     upstreams: Mutex<HashMap<SocketAddr, Arc<Upstream>>>,
+    /// Pools by name, kept across reloads (queues, estimates, back-end loads).
+    pools: Mutex<HashMap<String, Arc<Pool>>>,
 }
 
 static LAUNCHDAY: HeaderValue = HeaderValue::from_static("launchday");
@@ -63,6 +65,7 @@ impl Proxy {
             metrics,
             unrouted,
             upstreams: Mutex::new(HashMap::new()),
+            pools: Mutex::new(HashMap::new()),
         };
         let live = proxy.build(snapshot);
         proxy.live.store(Arc::new(live));
@@ -87,15 +90,32 @@ impl Proxy {
 
     fn build(&self, snapshot: Arc<Snapshot>) -> Live {
         let mut upstreams = self.upstreams.lock();
-        let pools = snapshot
+        let mut registry = self.pools.lock();
+        let mut upstream =
+            |addr| Arc::clone(upstreams.entry(addr).or_insert_with(|| Upstream::new(addr)));
+        let pools: Vec<Arc<Pool>> = snapshot
             .pools
             .iter()
-            .map(|spec| {
-                Arc::new(Pool::new(spec.clone(), &self.metrics, |addr| {
-                    Arc::clone(upstreams.entry(addr).or_insert_with(|| Upstream::new(addr)))
-                }))
+            .map(|spec| match registry.get(&spec.name) {
+                Some(pool) => {
+                    pool.reconfigure(spec.clone(), &self.metrics, &mut upstream);
+                    Arc::clone(pool)
+                }
+                None => Arc::new(Pool::new(spec.clone(), &self.metrics, &mut upstream)),
             })
             .collect();
+        // Pools and connection pools no longer configured are dropped from the
+        // registries; requests still using them hold their own references.
+        *registry = pools
+            .iter()
+            .map(|p| (p.name().to_owned(), Arc::clone(p)))
+            .collect();
+        let in_use: std::collections::HashSet<SocketAddr> = snapshot
+            .pools
+            .iter()
+            .flat_map(|p| p.backends.iter().map(|b| b.address))
+            .collect();
+        upstreams.retain(|addr, _| in_use.contains(addr));
         Live {
             router: Router::new(&snapshot.routes),
             page: MaintenancePage::new(&snapshot.maintenance),

@@ -23,6 +23,13 @@
 //! take the lock again (a lease refused by a vanished waiter is defused first).
 //!
 //! Backups (`backup = true`) are only chosen while every primary back end is drained.
+//!
+//! Reload ([`Pool::reconfigure`]): a pool keeps its identity (and so its queue, whose
+//! waiters keep their place, and its service-time estimate) across reloads; back ends
+//! are matched by name and keep their in-flight count (shared [`Load`]) and their
+//! round-robin position, so `max_connections` stays exact when a reload changes it
+//! and a new weight applies to the very next pick. A removed back end takes no new
+//! requests; the leases on it finish normally.
 
 pub mod estimate;
 pub mod select;
@@ -83,13 +90,19 @@ impl Shed {
     }
 }
 
-/// One back end of a pool, as the request path sees it.
+/// A back end's load, shared by every generation of the back end across reloads.
+#[derive(Debug, Default)]
+pub struct Load {
+    /// Changed only under the pool lock; read anywhere.
+    in_flight: AtomicU32,
+}
+
+/// One back end of a pool, as configured by one snapshot.
 pub struct Backend {
     pub spec: BackendSpec,
     pub upstream: Arc<Upstream>,
     pub metrics: BackendMetrics,
-    /// Mirror of the count kept under the pool lock, for readers (status, tests).
-    in_flight: AtomicU32,
+    load: Arc<Load>,
 }
 
 impl std::fmt::Debug for Backend {
@@ -104,7 +117,13 @@ impl std::fmt::Debug for Backend {
 impl Backend {
     /// Requests in flight to this back end now.
     pub fn in_flight(&self) -> u32 {
-        self.in_flight.load(Ordering::Relaxed)
+        self.load.in_flight.load(Ordering::Relaxed)
+    }
+
+    fn full(&self) -> bool {
+        self.spec
+            .max_connections
+            .is_some_and(|max| self.in_flight() >= max)
     }
 }
 
@@ -118,8 +137,14 @@ struct Waiter {
 
 /// Everything guarded by the pool lock.
 struct State {
+    queue_depth: usize,
+    queue_timeout: std::time::Duration,
+    backends: Vec<Arc<Backend>>,
     swrr: SmoothWrr,
-    in_flight: Vec<u32>,
+    /// Some primary has weight > 0 (else the backups serve).
+    any_primary: bool,
+    /// Σ max_connections of the serving back ends (`None`: some are unlimited).
+    capacity: Option<u64>,
     writes: VecDeque<Waiter>,
     reads: VecDeque<Waiter>,
     next_id: u64,
@@ -137,25 +162,54 @@ impl State {
             Class::Read => &mut self.reads,
         }
     }
+
+    fn serving(&self, b: &Backend) -> bool {
+        b.spec.weight > 0 && b.spec.backup != self.any_primary
+    }
+
+    fn set_backends(&mut self, backends: Vec<Arc<Backend>>, current: Vec<i64>) {
+        self.any_primary = backends.iter().any(|b| !b.spec.backup && b.spec.weight > 0);
+        self.backends = backends;
+        self.swrr = SmoothWrr::with_current(current);
+        self.capacity = self
+            .backends
+            .iter()
+            .filter(|b| self.serving(b))
+            .map(|b| b.spec.max_connections.map(u64::from))
+            .sum();
+    }
+}
+
+/// Manual maintenance: the config's value, and the admin API's switch (which wins
+/// until switched again, across reloads).
+#[derive(Debug, Default)]
+struct Maintenance {
+    config: AtomicBool,
+    /// 0 = follow the config, 1 = on, 2 = off.
+    switch: std::sync::atomic::AtomicU8,
+}
+
+impl Maintenance {
+    fn on(&self) -> bool {
+        match self.switch.load(Ordering::Relaxed) {
+            1 => true,
+            2 => false,
+            _ => self.config.load(Ordering::Relaxed),
+        }
+    }
 }
 
 /// A pool: its settings, back ends, selector and queue.
 pub struct Pool {
-    pub spec: PoolSpec,
+    name: String,
     pub metrics: PoolMetrics,
-    backends: Vec<Backend>,
-    /// Manual maintenance (config, or switched by the admin API).
-    maintenance: AtomicBool,
-    /// Σ max_connections of the primaries with weight > 0 (`None`: some unlimited).
-    capacity: Option<u64>,
+    maintenance: Maintenance,
     state: Mutex<State>,
 }
 
 impl std::fmt::Debug for Pool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Pool")
-            .field("name", &self.spec.name)
-            .finish()
+        f.debug_struct("Pool").field("name", &self.name).finish()
     }
 }
 
@@ -165,50 +219,95 @@ impl Pool {
     pub fn new(
         spec: PoolSpec,
         metrics: &Metrics,
-        mut upstream: impl FnMut(std::net::SocketAddr) -> Arc<Upstream>,
+        upstream: impl FnMut(std::net::SocketAddr) -> Arc<Upstream>,
     ) -> Self {
-        let backends: Vec<Backend> = spec
-            .backends
-            .iter()
-            .map(|b| Backend {
-                metrics: metrics.backend(&spec.name, &b.name, b.weight),
-                upstream: upstream(b.address),
-                spec: b.clone(),
-                in_flight: AtomicU32::new(0),
-            })
-            .collect();
-        let any_primary = backends.iter().any(|b| !b.spec.backup && b.spec.weight > 0);
-        let capacity = backends
-            .iter()
-            .filter(|b| b.spec.weight > 0 && b.spec.backup != any_primary)
-            .map(|b| b.spec.max_connections.map(u64::from))
-            .sum();
-        let n = backends.len();
-        Pool {
+        let pool = Pool {
+            name: spec.name.clone(),
             metrics: metrics.pool(&spec.name),
-            maintenance: AtomicBool::new(spec.maintenance),
-            capacity,
+            maintenance: Maintenance::default(),
             state: Mutex::new(State {
-                swrr: SmoothWrr::new(n),
-                in_flight: vec![0; n],
+                queue_depth: 0,
+                queue_timeout: std::time::Duration::ZERO,
+                backends: Vec::new(),
+                swrr: SmoothWrr::new(0),
+                any_primary: false,
+                capacity: Some(0),
                 writes: VecDeque::new(),
                 reads: VecDeque::new(),
                 next_id: 0,
                 service: ServiceTime::default(),
             }),
-            backends,
-            spec,
+        };
+        pool.configure(spec, metrics, upstream);
+        pool
+    }
+
+    /// Applies a new snapshot's settings for this pool (same name), keeping the queue,
+    /// the estimate, and each same-named back end's load and round-robin position.
+    /// Waiters that the new settings can serve are served at once.
+    pub fn reconfigure(
+        self: &Arc<Self>,
+        spec: PoolSpec,
+        metrics: &Metrics,
+        upstream: impl FnMut(std::net::SocketAddr) -> Arc<Upstream>,
+    ) {
+        self.configure(spec, metrics, upstream);
+        let mut st = self.state.lock();
+        if st.backends.iter().all(|b| b.spec.weight == 0) {
+            let waiters = take_waiters(&mut st);
+            self.metrics.queue_depth.set(0);
+            drop(st);
+            for w in waiters {
+                let _ = w.tx.send(Err(Shed::NoBackend));
+            }
+        } else {
+            self.dispatch(&mut st);
         }
+    }
+
+    fn configure(
+        &self,
+        spec: PoolSpec,
+        metrics: &Metrics,
+        mut upstream: impl FnMut(std::net::SocketAddr) -> Arc<Upstream>,
+    ) {
+        let mut st = self.state.lock();
+        let mut backends = Vec::with_capacity(spec.backends.len());
+        let mut current = Vec::with_capacity(spec.backends.len());
+        for b in &spec.backends {
+            let old = st.backends.iter().position(|o| o.spec.name == b.name);
+            let load = old.map_or_else(Arc::default, |i| Arc::clone(&st.backends[i].load));
+            current.push(old.map_or(0, |i| st.swrr.current(i)));
+            backends.push(Arc::new(Backend {
+                metrics: metrics.backend(&spec.name, &b.name, b.weight),
+                upstream: upstream(b.address),
+                spec: b.clone(),
+                load,
+            }));
+        }
+        for gone in st
+            .backends
+            .iter()
+            .filter(|o| !spec.backends.iter().any(|b| b.name == o.spec.name))
+        {
+            metrics.forget_backend(&spec.name, &gone.spec.name);
+        }
+        st.set_backends(backends, current);
+        st.queue_depth = spec.queue_depth;
+        st.queue_timeout = spec.queue_timeout;
+        self.maintenance
+            .config
+            .store(spec.maintenance, Ordering::Relaxed);
     }
 
     /// The pool's name.
     pub fn name(&self) -> &str {
-        &self.spec.name
+        &self.name
     }
 
-    /// The back ends, in config order.
-    pub fn backends(&self) -> &[Backend] {
-        &self.backends
+    /// The back ends now, in config order.
+    pub fn backends(&self) -> Vec<Arc<Backend>> {
+        self.state.lock().backends.clone()
     }
 
     /// Requests waiting in the queue now.
@@ -223,16 +322,18 @@ impl Pool {
 
     /// Whether the pool is in manual maintenance.
     pub fn in_maintenance(&self) -> bool {
-        self.maintenance.load(Ordering::Relaxed)
+        self.maintenance.on()
     }
 
-    /// Switches manual maintenance; turning it on sheds every waiter (`manual`).
+    /// Switches manual maintenance (the switch outlives reloads); turning it on sheds
+    /// every waiter (`manual`).
     pub fn set_maintenance(&self, on: bool) {
-        self.maintenance.store(on, Ordering::Relaxed);
+        self.maintenance
+            .switch
+            .store(if on { 1 } else { 2 }, Ordering::Relaxed);
         if on {
             let mut st = self.state.lock();
-            let mut waiters: Vec<Waiter> = st.writes.drain(..).collect();
-            waiters.extend(st.reads.drain(..));
+            let waiters = take_waiters(&mut st);
             self.metrics.queue_depth.set(0);
             drop(st);
             for w in waiters {
@@ -248,26 +349,26 @@ impl Pool {
             return Err(Shed::Manual);
         }
         let arrived = Instant::now();
-        let (id, mut rx) = {
+        let (id, deadline, mut rx) = {
             let mut st = self.state.lock();
             if let Some(lease) = self.try_lease(&mut st) {
                 return Ok(lease);
             }
-            if !self.backends.iter().any(|b| b.spec.weight > 0) {
+            if !st.backends.iter().any(|b| b.spec.weight > 0) {
                 return Err(Shed::NoBackend);
             }
             let position = match class {
                 Class::Write => st.writes.len() + 1,
                 Class::Read => st.depth() + 1,
             };
-            if let (Some(service), Some(capacity)) = (st.service.get(), self.capacity) {
+            if let (Some(service), Some(capacity)) = (st.service.get(), st.capacity) {
                 let predicted = service.mul_f64(position as f64 / capacity.max(1) as f64);
-                if predicted > self.spec.queue_timeout {
+                if predicted > st.queue_timeout {
                     return Err(Shed::PredictedWait);
                 }
             }
             let mut displaced = None;
-            if st.depth() >= self.spec.queue_depth {
+            if st.depth() >= st.queue_depth {
                 if class == Class::Write && !st.reads.is_empty() {
                     displaced = st.reads.pop_back();
                 } else {
@@ -283,11 +384,12 @@ impl Pool {
                 since: arrived,
             });
             self.metrics.queue_depth.set(st.depth() as i64);
+            let deadline = arrived + st.queue_timeout;
             drop(st);
             if let Some(w) = displaced {
                 self.shed_waiter(w, Shed::QueueFull);
             }
-            (id, rx)
+            (id, deadline, rx)
         };
         let mut guard = WaitGuard {
             pool: self,
@@ -295,7 +397,6 @@ impl Pool {
             class,
             armed: true,
         };
-        let deadline = arrived + self.spec.queue_timeout;
         let result = match tokio::time::timeout_at(deadline, &mut rx).await {
             Ok(Ok(result)) => {
                 guard.armed = false;
@@ -346,42 +447,37 @@ impl Pool {
 
     /// Picks a back end with free capacity and takes one unit of it.
     fn try_lease(self: &Arc<Self>, st: &mut MutexGuard<'_, State>) -> Option<Lease> {
-        let backends = &self.backends;
-        let any_primary = backends.iter().any(|b| !b.spec.backup && b.spec.weight > 0);
         let State {
-            swrr, in_flight, ..
+            swrr,
+            backends,
+            any_primary,
+            ..
         } = &mut **st;
         let index = swrr.pick(|i| {
             let b = &backends[i];
-            let full = b
-                .spec
-                .max_connections
-                .is_some_and(|max| in_flight[i] >= max);
-            if b.spec.backup == any_primary || full {
+            if b.spec.backup == *any_primary || b.full() {
                 0
             } else {
                 b.spec.weight
             }
         })?;
-        in_flight[index] += 1;
         let b = &backends[index];
-        b.in_flight.store(in_flight[index], Ordering::Relaxed);
+        b.load.in_flight.fetch_add(1, Ordering::Relaxed);
         b.metrics.in_flight.inc();
         Some(Lease {
             pool: Arc::clone(self),
-            index,
+            backend: Arc::clone(b),
             started: Instant::now(),
+            armed: true,
         })
     }
 
-    /// Gives one unit of back end `index` back and hands free capacity to waiters.
-    fn release(self: &Arc<Self>, index: usize, started: Instant) {
+    /// Gives one unit of `backend` back and hands free capacity to waiters.
+    fn release(self: &Arc<Self>, backend: &Backend, started: Instant) {
         let now = Instant::now();
         let mut st = self.state.lock();
-        st.in_flight[index] -= 1;
-        let b = &self.backends[index];
-        b.in_flight.store(st.in_flight[index], Ordering::Relaxed);
-        b.metrics.in_flight.dec();
+        backend.load.in_flight.fetch_sub(1, Ordering::Relaxed);
+        backend.metrics.in_flight.dec();
         st.service
             .observe(now.saturating_duration_since(started), now);
         self.dispatch(&mut st);
@@ -398,7 +494,7 @@ impl Pool {
                 None => match st.reads.pop_front() {
                     Some(w) => w,
                     None => {
-                        self.undo(st, lease);
+                        undo(lease);
                         break;
                     }
                 },
@@ -409,20 +505,23 @@ impl Pool {
                 .observe(waiter.since.elapsed().as_secs_f64());
             if let Err(Ok(refused)) = waiter.tx.send(Ok(lease)) {
                 // The client went away between leaving the queue and now.
-                self.undo(st, refused);
+                undo(refused);
             }
         }
     }
+}
 
-    /// Returns a lease's unit without taking the lock again (the caller holds it).
-    fn undo(&self, st: &mut MutexGuard<'_, State>, mut lease: Lease) {
-        let index = lease.index;
-        lease.index = usize::MAX;
-        st.in_flight[index] -= 1;
-        let b = &self.backends[index];
-        b.in_flight.store(st.in_flight[index], Ordering::Relaxed);
-        b.metrics.in_flight.dec();
-    }
+fn take_waiters(st: &mut State) -> Vec<Waiter> {
+    let mut waiters: Vec<Waiter> = st.writes.drain(..).collect();
+    waiters.extend(st.reads.drain(..));
+    waiters
+}
+
+/// Returns a lease's unit without taking the pool lock (the caller holds it).
+fn undo(mut lease: Lease) {
+    lease.armed = false;
+    lease.backend.load.in_flight.fetch_sub(1, Ordering::Relaxed);
+    lease.backend.metrics.in_flight.dec();
 }
 
 /// Takes a waiter out of the queue if its request goes away while waiting.
@@ -444,16 +543,17 @@ impl Drop for WaitGuard<'_> {
 /// One unit of a back end's capacity, held for as long as its request lives.
 pub struct Lease {
     pool: Arc<Pool>,
-    /// `usize::MAX` once defused (given back under the lock by [`Pool::undo`]).
-    index: usize,
+    backend: Arc<Backend>,
     started: Instant,
+    /// False once given back under the lock by [`undo`].
+    armed: bool,
 }
 
 impl std::fmt::Debug for Lease {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Lease")
-            .field("pool", &self.pool.spec.name)
-            .field("backend", &self.backend().spec.name)
+            .field("pool", &self.pool.name)
+            .field("backend", &self.backend.spec.name)
             .finish()
     }
 }
@@ -461,7 +561,7 @@ impl std::fmt::Debug for Lease {
 impl Lease {
     /// The back end this lease is on.
     pub fn backend(&self) -> &Backend {
-        &self.pool.backends[self.index]
+        &self.backend
     }
 
     /// The pool it belongs to.
@@ -472,8 +572,8 @@ impl Lease {
 
 impl Drop for Lease {
     fn drop(&mut self) {
-        if self.index != usize::MAX {
-            self.pool.release(self.index, self.started);
+        if self.armed {
+            self.pool.release(&self.backend, self.started);
         }
     }
 }

@@ -61,10 +61,15 @@ impl SmoothWrr {
         Some(i)
     }
 
-    /// Resizes to `n` back ends, keeping the state of the first `min(n, len)` ones.
-    /// (Reload keeps state by name; this is the positional fallback.)
-    pub fn resize(&mut self, n: usize) {
-        self.current.resize(n, 0);
+    /// A selector resuming from saved `current` values (a reload keeps each back
+    /// end's value by name, so the interleaving continues where it was).
+    pub fn with_current(current: Vec<i64>) -> Self {
+        SmoothWrr { current }
+    }
+
+    /// Back end `i`'s current value.
+    pub fn current(&self, i: usize) -> i64 {
+        self.current.get(i).copied().unwrap_or(0)
     }
 }
 

@@ -346,3 +346,197 @@ async fn in_flight_never_exceeds_max_under_contention() {
     assert_eq!(p.backends()[0].in_flight() + p.backends()[1].in_flight(), 0);
     assert_eq!(p.queue_depth(), 0);
 }
+
+fn spec(backends: Vec<BackendSpec>, depth: usize) -> PoolSpec {
+    PoolSpec {
+        name: "p".into(),
+        queue_depth: depth,
+        queue_timeout: Duration::from_secs(10),
+        maintenance: false,
+        backends,
+        health_check: None,
+    }
+}
+
+fn metrics() -> Metrics {
+    Metrics::new(prometheus::Registry::new()).expect("metrics")
+}
+
+#[tokio::test(start_paused = true)]
+async fn reload_keeps_in_flight_exact_when_max_connections_changes() {
+    let m = metrics();
+    let p = Arc::new(Pool::new(
+        spec(vec![backend("a", 1, Some(2), false)], 0),
+        &m,
+        Upstream::new,
+    ));
+    let l1 = lease_now(&p, Class::Read).expect("1");
+    let l2 = lease_now(&p, Class::Read).expect("2");
+    p.reconfigure(
+        spec(vec![backend("a", 1, Some(3), false)], 0),
+        &m,
+        Upstream::new,
+    );
+    assert_eq!(p.backends()[0].in_flight(), 2, "load carried over");
+    let l3 = lease_now(&p, Class::Read).expect("one more fits under 3");
+    assert_eq!(lease_now(&p, Class::Read).err(), Some(Shed::QueueFull));
+    drop((l1, l2, l3));
+    assert_eq!(p.backends()[0].in_flight(), 0);
+    // Lowering the limit below the load: nothing new until enough finish.
+    let held: Vec<Lease> = (0..3)
+        .map(|_| lease_now(&p, Class::Read).expect("slot"))
+        .collect();
+    p.reconfigure(
+        spec(vec![backend("a", 1, Some(1), false)], 0),
+        &m,
+        Upstream::new,
+    );
+    assert_eq!(lease_now(&p, Class::Read).err(), Some(Shed::QueueFull));
+    drop(held);
+    assert!(lease_now(&p, Class::Read).is_ok());
+}
+
+#[tokio::test(start_paused = true)]
+async fn waiters_keep_their_place_and_more_capacity_serves_them_at_once() {
+    let m = metrics();
+    let p = Arc::new(Pool::new(
+        spec(vec![backend("a", 1, Some(1), false)], 8),
+        &m,
+        Upstream::new,
+    ));
+    let _busy = lease_now(&p, Class::Read).expect("slot");
+    let w1 = waiter(&p, Class::Read, 1).await;
+    let w2 = waiter(&p, Class::Read, 2).await;
+    p.reconfigure(
+        spec(
+            vec![
+                backend("a", 1, Some(1), false),
+                backend("b", 1, Some(1), false),
+            ],
+            8,
+        ),
+        &m,
+        Upstream::new,
+    );
+    // b's one slot goes to the first waiter; the second keeps waiting.
+    let (tag, r) = w1.await.expect("join");
+    assert_eq!(
+        (tag, r.as_ref().map(|l| name(l).to_owned()).ok()),
+        (1, Some("b".to_owned()))
+    );
+    settle().await;
+    assert!(!w2.is_finished());
+    assert_eq!(p.queue_depth(), 1);
+    drop(r);
+    assert!(w2.await.expect("join").1.is_ok());
+}
+
+#[tokio::test(start_paused = true)]
+async fn new_weight_applies_to_the_next_pick_and_positions_are_kept() {
+    let m = metrics();
+    let p = Arc::new(Pool::new(
+        spec(
+            vec![
+                backend("vm", 11, None, false),
+                backend("pi", 1, None, false),
+            ],
+            0,
+        ),
+        &m,
+        Upstream::new,
+    ));
+    let first: Vec<String> = (0..6)
+        .map(|_| name(&lease_now(&p, Class::Read).expect("l")).to_owned())
+        .collect();
+    assert!(first.iter().all(|n| n == "vm"));
+    // Drain the Pi: the very next pick, and all after, go to the VM.
+    p.reconfigure(
+        spec(
+            vec![
+                backend("vm", 11, None, false),
+                backend("pi", 0, None, false),
+            ],
+            0,
+        ),
+        &m,
+        Upstream::new,
+    );
+    for _ in 0..24 {
+        assert_eq!(name(&lease_now(&p, Class::Read).expect("l")), "vm");
+    }
+    // Weights back, in another order: state follows names, not positions.
+    p.reconfigure(
+        spec(
+            vec![
+                backend("pi", 1, None, false),
+                backend("vm", 11, None, false),
+            ],
+            0,
+        ),
+        &m,
+        Upstream::new,
+    );
+    let picks: Vec<String> = (0..120)
+        .map(|_| name(&lease_now(&p, Class::Read).expect("l")).to_owned())
+        .collect();
+    let pi = picks.iter().filter(|n| *n == "pi").count();
+    assert!((9..=11).contains(&pi), "{pi} of 120 to the Pi");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_removed_back_end_drains() {
+    let m = metrics();
+    let p = Arc::new(Pool::new(
+        spec(
+            vec![backend("a", 1, None, false), backend("b", 1, None, false)],
+            0,
+        ),
+        &m,
+        Upstream::new,
+    ));
+    let on_a = lease_now(&p, Class::Read).expect("a");
+    assert_eq!(name(&on_a), "a");
+    p.reconfigure(
+        spec(vec![backend("b", 1, None, false)], 0),
+        &m,
+        Upstream::new,
+    );
+    for _ in 0..5 {
+        assert_eq!(name(&lease_now(&p, Class::Read).expect("b")), "b");
+    }
+    assert_eq!(
+        on_a.backend().in_flight(),
+        1,
+        "the request on a finishes normally"
+    );
+    let a = on_a.backend().load.clone();
+    drop(on_a);
+    assert_eq!(a.in_flight.load(Ordering::Relaxed), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn draining_everything_sheds_waiters_and_the_switch_outlives_reloads() {
+    let m = metrics();
+    let p = Arc::new(Pool::new(
+        spec(vec![backend("a", 1, Some(1), false)], 8),
+        &m,
+        Upstream::new,
+    ));
+    let _busy = lease_now(&p, Class::Read).expect("slot");
+    let w = waiter(&p, Class::Read, 0).await;
+    p.reconfigure(
+        spec(vec![backend("a", 0, Some(1), false)], 8),
+        &m,
+        Upstream::new,
+    );
+    assert_eq!(w.await.expect("join").1.err(), Some(Shed::NoBackend));
+    p.set_maintenance(true);
+    p.reconfigure(
+        spec(vec![backend("a", 1, None, false)], 8),
+        &m,
+        Upstream::new,
+    );
+    assert_eq!(lease_now(&p, Class::Read).err(), Some(Shed::Manual));
+    p.set_maintenance(false);
+    assert!(lease_now(&p, Class::Read).is_ok());
+}

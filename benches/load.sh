@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Load benchmark: launchday beside nginx and HAProxy in the same run, with
+# ../shared/bench/run.sh (one server worker pinned to CPU 0, wrk/h2load and the origin
+# on CPU 1, A B A B rounds; read the ratio column).
+#
+#   benches/load.sh [SCENARIO...]        default: maint proxy tls-maint tls-proxy
+#   DUR=5 ROUNDS=1 CONCS=64 benches/load.sh proxy      # a quick look
+#
+# Needs Debian's nginx haproxy wrk nghttp2-client (installed here when missing).
+# Builds the release binary first; the driver then waits for a quiet machine.
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+BENCH=${BENCH_DIR:-$ROOT/../shared/bench}
+need=()
+for p in nginx haproxy wrk nghttp2-client; do dpkg -s "$p" >/dev/null 2>&1 || need+=("$p"); done
+if ((${#need[@]})); then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}"; fi
+(cd "$ROOT" && cargo build --release ${LAUNCHDAY_FEATURES:+--features "$LAUNCHDAY_FEATURES"})
+B=${LAUNCHDAY_BIN:-$ROOT/target/release/launchday}
+C=$(realpath "$BENCH/launchday-cand.sh")
+export CAND_NAME=${CAND_NAME:-launchday}
+export CAND_MAINT="$C $B maint" CAND_PROXY="$C $B proxy"
+export CAND_TLS_MAINT="$C $B tls-maint" CAND_TLS_PROXY="$C $B tls-proxy"
+(($#)) || set -- maint proxy tls-maint tls-proxy
+exec "$BENCH/run.sh" "$@"
