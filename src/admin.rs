@@ -1,9 +1,10 @@
-//! The admin listener: `GET /metrics` (Prometheus text format 0.0.4) and
+//! The admin listener: `GET /metrics` (Prometheus text format 0.0.4),
+//! `POST /api/reload` (answers `ok`, or 422 with every validation error) and
 //! `POST /api/pools/{pool}/maintenance` with the body `on` or `off`.
 //!
 //! Served only on the `[admin] listen` addresses (loopback by default), never on a
-//! public listener. Later issues add `/status`, `/api/status` and `/api/reload`.
-//! The maintenance switch lasts until the pool is rebuilt by a reload.
+//! public listener. Later issues add `/status` and `/api/status`. The maintenance
+//! switch outlives reloads until it is switched again.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -18,13 +19,15 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
 use crate::body::Body;
-use crate::proxy::{local, Proxy};
+use crate::proxy::local;
+use crate::server::Server;
 
 /// Largest admin request body read (the maintenance switch needs three bytes).
 const MAX_BODY: usize = 1024;
 
 /// Answers one admin request.
-pub async fn handle(proxy: &Proxy, req: Request<Incoming>) -> Response<Body> {
+pub async fn handle(server: &Arc<Server>, req: Request<Incoming>) -> Response<Body> {
+    let proxy = server.proxy();
     let path = req.uri().path().to_owned();
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
     match (req.method(), segments.as_slice()) {
@@ -35,6 +38,24 @@ pub async fn handle(proxy: &Proxy, req: Request<Incoming>) -> Response<Body> {
                 HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
             );
             resp
+        }
+        (&Method::POST, ["api", "reload"]) => {
+            let Some(path) = proxy.live().snapshot.source.clone() else {
+                return text(
+                    StatusCode::CONFLICT,
+                    "this instance runs a built-in config; there is no file to reload\n".into(),
+                );
+            };
+            match server.reload_file(&path).await {
+                Ok(()) => {
+                    tracing::info!(config = %path.display(), "reloaded (admin API)");
+                    text(StatusCode::OK, "ok\n".into())
+                }
+                Err(e) => {
+                    tracing::error!("reload rejected, the running config stays:\n{e}");
+                    text(StatusCode::UNPROCESSABLE_ENTITY, format!("{e}\n"))
+                }
+            }
         }
         (&Method::POST, ["api", "pools", pool, "maintenance"]) => {
             let pool = (*pool).to_owned();
@@ -68,11 +89,13 @@ pub async fn handle(proxy: &Proxy, req: Request<Incoming>) -> Response<Body> {
                 None => text(StatusCode::NOT_FOUND, format!("no pool named {pool:?}\n")),
             }
         }
-        (_, ["metrics"]) | (_, ["api", "pools", _, "maintenance"]) => local(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "method_not_allowed",
-            "Wrong method for this path.\n",
-        ),
+        (_, ["metrics"]) | (_, ["api", "reload"]) | (_, ["api", "pools", _, "maintenance"]) => {
+            local(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "Wrong method for this path.\n",
+            )
+        }
         _ => local(
             StatusCode::NOT_FOUND,
             "not_found",
@@ -93,8 +116,8 @@ fn text(status: StatusCode, body: String) -> Response<Body> {
 
 /// Serves the admin API on `listener` until `stop` changes.
 pub async fn serve(
-    listener: TcpListener,
-    proxy: Arc<Proxy>,
+    listener: Arc<TcpListener>,
+    server: Arc<Server>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     loop {
@@ -107,10 +130,10 @@ pub async fn serve(
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
             continue;
         };
-        let proxy = Arc::clone(&proxy);
+        let server = Arc::clone(&server);
         let svc = service_fn(move |req| {
-            let proxy = Arc::clone(&proxy);
-            async move { Ok::<_, Infallible>(handle(&proxy, req).await) }
+            let server = Arc::clone(&server);
+            async move { Ok::<_, Infallible>(handle(&server, req).await) }
         });
         tokio::spawn(async move {
             let _ = http1::Builder::new()

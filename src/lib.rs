@@ -15,6 +15,7 @@ pub mod maintenance;
 pub mod metrics;
 pub mod pool;
 pub mod proxy;
+pub mod reload;
 pub mod route;
 pub mod server;
 pub mod tls;

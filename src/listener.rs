@@ -59,14 +59,12 @@ pub fn bind(addr: SocketAddr) -> Result<TcpListener, ListenerError> {
 }
 
 /// Settings of one public listener's connections.
+/// Limits and trusted proxies are read from the live snapshot for each new
+/// connection, so a reload changes them without restarting the loop.
 #[derive(Clone)]
 pub struct ServeOptions {
     /// The listener's name (to find its settings in the live snapshot).
     pub listener: Arc<str>,
-    /// Whole-request-head deadline (also bounds the TLS handshake).
-    pub header_timeout: Duration,
-    /// Peers whose forwarding headers are trusted.
-    pub trusted_proxies: Vec<ipnet::IpNet>,
     /// Present on TLS listeners.
     pub tls: Option<TlsAcceptor>,
 }
@@ -88,7 +86,7 @@ pub mod h2_limits {
 /// Connections are registered with `graceful` so that shutdown can drain them; the
 /// loop drops its handle on `graceful` when it returns.
 pub async fn serve(
-    listener: TcpListener,
+    listener: Arc<TcpListener>,
     proxy: Arc<Proxy>,
     opts: ServeOptions,
     graceful: Arc<GracefulShutdown>,
@@ -140,20 +138,28 @@ async fn connection(
     watcher: Watcher,
 ) -> Result<(), ConnError> {
     let peer_ip = peer.ip().to_canonical();
+    let (header_timeout, trusted) = {
+        let live = proxy.live();
+        let s = &live.snapshot;
+        (
+            s.limits.header_timeout,
+            s.trusted_proxies.iter().any(|n| n.contains(&peer_ip)),
+        )
+    };
     let mut fwd = Forwarded {
         peer: peer_ip,
         // An IP address always formats as a valid header value.
         peer_ip: HeaderValue::from_str(&peer_ip.to_string())
             .unwrap_or_else(|_| HeaderValue::from_static("unknown")),
-        trusted: opts.trusted_proxies.iter().any(|n| n.contains(&peer_ip)),
+        trusted,
         proto: HeaderValue::from_static("http"),
         listener: Arc::clone(&opts.listener),
         tls: None,
     };
     let Some(acceptor) = &opts.tls else {
-        return serve_http1(TokioIo::new(stream), proxy, fwd, opts, watcher).await;
+        return serve_http1(TokioIo::new(stream), proxy, fwd, header_timeout, watcher).await;
     };
-    let tls = match tokio::time::timeout(opts.header_timeout, acceptor.accept(stream)).await {
+    let tls = match tokio::time::timeout(header_timeout, acceptor.accept(stream)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => return Err(ConnError::Handshake(e)),
         Err(_) => return Err(ConnError::HandshakeTimeout),
@@ -165,7 +171,7 @@ async fn connection(
         sni: session.server_name().map(Box::from),
     });
     if !h2 {
-        return serve_http1(TokioIo::new(tls), proxy, fwd, opts, watcher).await;
+        return serve_http1(TokioIo::new(tls), proxy, fwd, header_timeout, watcher).await;
     }
     let fwd = Arc::new(fwd);
     let svc = service_fn(move |req| {
@@ -187,7 +193,7 @@ async fn serve_http1<I>(
     io: TokioIo<I>,
     proxy: Arc<Proxy>,
     fwd: Forwarded,
-    opts: &ServeOptions,
+    header_timeout: Duration,
     watcher: Watcher,
 ) -> Result<(), ConnError>
 where
@@ -201,7 +207,7 @@ where
     });
     let conn = http1::Builder::new()
         .timer(TokioTimer::new())
-        .header_read_timeout(opts.header_timeout)
+        .header_read_timeout(header_timeout)
         .keep_alive(true)
         .serve_connection(io, svc);
     Ok(watcher.watch(conn).await?)

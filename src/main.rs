@@ -2,6 +2,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -150,15 +151,17 @@ async fn serve_with(
     let mut hup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
     let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+    if let Some(path) = &source {
+        if let Err(e) = launchday::reload::watch(Arc::clone(&server), path.clone()) {
+            tracing::warn!("{e}; reload with SIGHUP or POST /api/reload instead");
+        }
+    }
     loop {
         tokio::select! {
             _ = hup.recv() => match &source {
-                Some(path) => match load(path) {
-                    Ok(s) => {
-                        server.apply(s);
-                        tracing::info!(config = %path.display(), "reloaded");
-                    }
-                    Err(e) => tracing::error!("reload rejected, the running config stays: {e:#}"),
+                Some(path) => match server.reload_file(path).await {
+                    Ok(()) => tracing::info!(config = %path.display(), "reloaded (SIGHUP)"),
+                    Err(e) => tracing::error!("reload rejected, the running config stays:\n{e}"),
                 },
                 None => tracing::warn!("SIGHUP: the built-in config has no file to reload"),
             },

@@ -1,30 +1,38 @@
 //! Wiring: binds every listener of a snapshot, runs the accept loops and the admin
-//! listener, applies new snapshots, and shuts down gracefully.
+//! listener, applies new snapshots (listeners included), and shuts down gracefully.
 //!
-//! Invariants: every socket is bound before anything is served, so a bind failure
-//! (port in use, permission) fails `start` as a whole and nothing half-starts.
-//! Shutdown stops accepting first, then lets in-flight requests finish within the
-//! grace period (idle keep-alive connections are closed at once by hyper's graceful
-//! shutdown), then returns.
+//! Invariants:
+//! - Every socket a snapshot needs is bound before anything changes, so a bind
+//!   failure (port in use, permission) fails `start` or `apply` as a whole: nothing
+//!   half-starts and a failed reload leaves the running config and sockets as they were.
+//! - Sockets are keyed by their configured address: an address kept by a reload keeps
+//!   its socket (no connection is refused during the reload); its accept loop is only
+//!   restarted when the listener's name or TLS-ness changes. A removed address stops
+//!   accepting and its open connections finish their requests.
+//! - Shutdown stops accepting first, then lets in-flight requests finish within the
+//!   grace period (idle keep-alive connections are closed at once, HTTP/2 gets GOAWAY).
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use hyper_util::server::graceful::GracefulShutdown;
+use parking_lot::Mutex;
 use prometheus::Registry;
+use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+use tokio_rustls::TlsAcceptor;
 
 use crate::admin;
-use crate::config::Snapshot;
+use crate::config::{ConfigErrors, Snapshot};
 use crate::listener::{self, ServeOptions};
 use crate::metrics::{Metrics, MetricsError};
 use crate::proxy::Proxy;
 use crate::tls;
-use tokio_rustls::TlsAcceptor;
 
-/// Errors of starting the server.
+/// Errors of starting the server or applying a snapshot.
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
     #[error("{key}: {source}")]
@@ -38,6 +46,17 @@ pub enum ServerError {
     Tls(#[from] tls::TlsError),
 }
 
+/// Why a reload did not take effect (the running config stays).
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error("{0}")]
+    Invalid(ConfigErrors),
+    #[error(transparent)]
+    Apply(#[from] ServerError),
+    #[error("reload task failed: {0}")]
+    Task(String),
+}
+
 /// A bound public socket.
 #[derive(Debug, Clone)]
 pub struct Bound {
@@ -47,107 +66,139 @@ pub struct Bound {
     pub addr: SocketAddr,
 }
 
+/// One socket and the loop accepting on it.
+struct Acceptor {
+    configured: SocketAddr,
+    /// Listener name; empty for the admin listener.
+    listener: String,
+    tls: bool,
+    socket: Arc<TcpListener>,
+    stop: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+impl Acceptor {
+    fn addr(&self) -> SocketAddr {
+        self.socket.local_addr().unwrap_or(self.configured)
+    }
+
+    async fn stop(self) {
+        let _ = self.stop.send(true);
+        let _ = self.task.await;
+    }
+}
+
 /// A running balancer.
 pub struct Server {
     proxy: Arc<Proxy>,
-    bound: Vec<Bound>,
-    admin_addrs: Vec<SocketAddr>,
-    stop: watch::Sender<bool>,
-    accept_tasks: Vec<JoinHandle<()>>,
-    graceful: Arc<GracefulShutdown>,
+    public: Mutex<Vec<Acceptor>>,
+    admin: Mutex<Vec<Acceptor>>,
+    /// Taken at shutdown; accept loops hold clones while they run.
+    graceful: Mutex<Option<Arc<GracefulShutdown>>>,
+    reloads: prometheus::IntCounterVec,
+    last_success: prometheus::Gauge,
+    /// Serialises reloads.
+    reloading: tokio::sync::Mutex<()>,
+}
+
+fn bind_all(
+    want: &[(SocketAddr, String)],
+    have: &[Acceptor],
+) -> Result<HashMap<SocketAddr, Arc<TcpListener>>, ServerError> {
+    let mut fresh = HashMap::new();
+    for (addr, key) in want {
+        if have.iter().any(|a| a.configured == *addr) || fresh.contains_key(addr) {
+            continue;
+        }
+        let sock = listener::bind(*addr).map_err(|source| ServerError::Bind {
+            key: key.clone(),
+            source,
+        })?;
+        fresh.insert(*addr, Arc::new(sock));
+    }
+    Ok(fresh)
+}
+
+fn public_binds(s: &Snapshot) -> Vec<(SocketAddr, String)> {
+    s.listeners
+        .iter()
+        .flat_map(|l| {
+            l.bind
+                .iter()
+                .enumerate()
+                .map(|(i, a)| (*a, format!("listeners.{}.bind[{i}]", l.name)))
+        })
+        .collect()
+}
+
+fn admin_binds(s: &Snapshot) -> Vec<(SocketAddr, String)> {
+    s.admin
+        .listen
+        .iter()
+        .enumerate()
+        .map(|(i, a)| (*a, format!("admin.listen[{i}]")))
+        .collect()
 }
 
 impl Server {
     /// Binds everything in `snapshot` and starts serving on the current runtime.
-    pub async fn start(snapshot: Snapshot, registry: Registry) -> Result<Server, ServerError> {
+    pub async fn start(snapshot: Snapshot, registry: Registry) -> Result<Arc<Server>, ServerError> {
+        let public = bind_all(&public_binds(&snapshot), &[])?;
+        let admin = bind_all(&admin_binds(&snapshot), &[])?;
+        let reloads = prometheus::IntCounterVec::new(
+            prometheus::Opts::new(
+                "launchday_config_reloads_total",
+                "Config reloads, by result (success, failure).",
+            ),
+            &["result"],
+        )
+        .map_err(MetricsError::from)?;
+        let last_success = prometheus::Gauge::new(
+            "launchday_config_last_reload_success_timestamp_seconds",
+            "Unix time of the last successful config load (start or reload).",
+        )
+        .map_err(MetricsError::from)?;
+        registry
+            .register(Box::new(reloads.clone()))
+            .map_err(MetricsError::from)?;
+        registry
+            .register(Box::new(last_success.clone()))
+            .map_err(MetricsError::from)?;
+        for r in ["success", "failure"] {
+            reloads.with_label_values(&[r]);
+        }
         let metrics = Metrics::new(registry)?;
         let snapshot = Arc::new(snapshot);
-
-        let mut public = Vec::new();
-        for l in &snapshot.listeners {
-            for (i, addr) in l.bind.iter().enumerate() {
-                let sock = listener::bind(*addr).map_err(|source| ServerError::Bind {
-                    key: format!("listeners.{}.bind[{i}]", l.name),
-                    source,
-                })?;
-                public.push((l.name.clone(), *addr, sock));
-            }
-        }
-        let mut admin_socks = Vec::new();
-        for (i, addr) in snapshot.admin.listen.iter().enumerate() {
-            let sock = listener::bind(*addr).map_err(|source| ServerError::Bind {
-                key: format!("admin.listen[{i}]"),
-                source,
-            })?;
-            admin_socks.push(sock);
-        }
-
         let proxy = Proxy::new(Arc::clone(&snapshot), metrics);
-        let (stop, stop_rx) = watch::channel(false);
-        let graceful = Arc::new(GracefulShutdown::new());
-        let mut options = std::collections::HashMap::new();
-        for l in &snapshot.listeners {
-            let tls = match &l.tls {
-                Some(_) => {
-                    let resolver = tls::SniResolver::new(Arc::clone(&proxy), &l.name);
-                    Some(TlsAcceptor::from(tls::server_config(resolver)?))
-                }
-                None => None,
-            };
-            let opts = ServeOptions {
-                listener: l.name.as_str().into(),
-                header_timeout: snapshot.limits.header_timeout,
-                trusted_proxies: snapshot.trusted_proxies.clone(),
-                tls,
-            };
-            options.insert(l.name.clone(), opts);
-        }
-        let mut bound = Vec::new();
-        let mut accept_tasks = Vec::new();
-        for (name, configured, sock) in public {
-            let Some(opts) = options.get(&name) else {
-                continue;
-            };
-            let addr = sock.local_addr().unwrap_or(configured);
-            tracing::info!(listener = %name, %addr, "listening");
-            bound.push(Bound {
-                listener: name,
-                addr,
-            });
-            accept_tasks.push(tokio::spawn(listener::serve(
-                sock,
-                Arc::clone(&proxy),
-                opts.clone(),
-                Arc::clone(&graceful),
-                stop_rx.clone(),
-            )));
-        }
-        let mut admin_addrs = Vec::new();
-        for sock in admin_socks {
-            if let Ok(addr) = sock.local_addr() {
-                tracing::info!(%addr, "admin listening");
-                admin_addrs.push(addr);
-            }
-            tokio::spawn(admin::serve(sock, Arc::clone(&proxy), stop_rx.clone()));
-        }
-        Ok(Server {
+        let server = Arc::new(Server {
             proxy,
-            bound,
-            admin_addrs,
-            stop,
-            accept_tasks,
-            graceful,
-        })
+            public: Mutex::new(Vec::new()),
+            admin: Mutex::new(Vec::new()),
+            graceful: Mutex::new(Some(Arc::new(GracefulShutdown::new()))),
+            reloads,
+            last_success,
+            reloading: tokio::sync::Mutex::new(()),
+        });
+        server.switch_listeners(&snapshot, public, admin).await?;
+        server.last_success.set(unix_now());
+        Ok(server)
     }
 
     /// The public sockets, in config order.
-    pub fn bound(&self) -> &[Bound] {
-        &self.bound
+    pub fn bound(&self) -> Vec<Bound> {
+        self.public
+            .lock()
+            .iter()
+            .map(|a| Bound {
+                listener: a.listener.clone(),
+                addr: a.addr(),
+            })
+            .collect()
     }
 
     /// The admin sockets' addresses.
-    pub fn admin_addrs(&self) -> &[SocketAddr] {
-        &self.admin_addrs
+    pub fn admin_addrs(&self) -> Vec<SocketAddr> {
+        self.admin.lock().iter().map(Acceptor::addr).collect()
     }
 
     /// The request handler.
@@ -155,34 +206,191 @@ impl Server {
         &self.proxy
     }
 
-    /// Applies a new snapshot's routes, pools and weights; the next request uses it.
-    /// Listener and admin addresses are not rebound (they need a restart for now);
-    /// a change to them is logged.
-    pub fn apply(&self, snapshot: Snapshot) {
-        let live = self.proxy.live();
-        let old = &live.snapshot;
-        let binds = |s: &Snapshot| -> Vec<SocketAddr> {
-            s.listeners.iter().flat_map(|l| l.bind.clone()).collect()
+    /// Reads, validates and applies the config file `path`, counting the result in
+    /// `launchday_config_reloads_total`. On any error the running config stays.
+    pub async fn reload_file(self: &Arc<Self>, path: &std::path::Path) -> Result<(), ReloadError> {
+        let path = path.to_owned();
+        // Validation reads files and may resolve back-end names: off the runtime.
+        let loaded = tokio::task::spawn_blocking(move || crate::config::load_file(&path))
+            .await
+            .map_err(|e| ReloadError::Task(e.to_string()));
+        let result = match loaded {
+            Ok(Ok(snapshot)) => self.apply(snapshot).await.map_err(ReloadError::from),
+            Ok(Err(errors)) => Err(ReloadError::Invalid(errors)),
+            Err(e) => Err(e),
         };
-        if binds(old) != binds(&snapshot) || old.admin.listen != snapshot.admin.listen {
-            tracing::warn!("listener or admin address changes take effect after a restart");
+        match &result {
+            Ok(()) => {
+                self.reloads.with_label_values(&["success"]).inc();
+                self.last_success.set(unix_now());
+            }
+            Err(_) => self.reloads.with_label_values(&["failure"]).inc(),
         }
-        self.proxy.apply(Arc::new(snapshot));
+        result
+    }
+
+    /// Applies a new snapshot: binds new addresses (all or nothing), swaps the config
+    /// in (the very next request uses it), then retires removed addresses.
+    pub async fn apply(self: &Arc<Self>, snapshot: Snapshot) -> Result<(), ServerError> {
+        let _one_at_a_time = self.reloading.lock().await;
+        let public = bind_all(&public_binds(&snapshot), &self.public.lock())?;
+        let admin = bind_all(&admin_binds(&snapshot), &self.admin.lock())?;
+        let snapshot = Arc::new(snapshot);
+        self.proxy.apply(Arc::clone(&snapshot));
+        self.switch_listeners(&snapshot, public, admin).await
+    }
+
+    /// Makes the running accept loops match `snapshot`, using `fresh` sockets for new
+    /// addresses.
+    async fn switch_listeners(
+        self: &Arc<Self>,
+        snapshot: &Snapshot,
+        mut fresh_public: HashMap<SocketAddr, Arc<TcpListener>>,
+        mut fresh_admin: HashMap<SocketAddr, Arc<TcpListener>>,
+    ) -> Result<(), ServerError> {
+        // TLS acceptors first: the only step here that can fail.
+        let mut acceptors: HashMap<&str, Option<TlsAcceptor>> = HashMap::new();
+        for l in &snapshot.listeners {
+            let tls = match &l.tls {
+                Some(_) => {
+                    let resolver = tls::SniResolver::new(Arc::clone(&self.proxy), &l.name);
+                    Some(TlsAcceptor::from(tls::server_config(resolver)?))
+                }
+                None => None,
+            };
+            acceptors.insert(&l.name, tls);
+        }
+        let old_public = std::mem::take(&mut *self.public.lock());
+        let mut keep: HashMap<SocketAddr, Acceptor> =
+            old_public.into_iter().map(|a| (a.configured, a)).collect();
+        let mut running = Vec::new();
+        let mut retired = Vec::new();
+        for l in &snapshot.listeners {
+            let tls = acceptors.get(l.name.as_str()).cloned().flatten();
+            for addr in &l.bind {
+                let kept = keep.remove(addr);
+                let socket = match kept {
+                    Some(a) if a.listener == l.name && a.tls == tls.is_some() => {
+                        running.push(a);
+                        continue;
+                    }
+                    Some(a) => {
+                        // Same socket, new settings: restart its loop.
+                        let socket = Arc::clone(&a.socket);
+                        retired.push(a);
+                        socket
+                    }
+                    None => match fresh_public.remove(addr) {
+                        Some(s) => s,
+                        None => continue,
+                    },
+                };
+                running.push(self.spawn_public(*addr, &l.name, socket, tls.clone()));
+            }
+        }
+        retired.extend(keep.into_values());
+        *self.public.lock() = running;
+
+        let old_admin = std::mem::take(&mut *self.admin.lock());
+        let mut keep: HashMap<SocketAddr, Acceptor> =
+            old_admin.into_iter().map(|a| (a.configured, a)).collect();
+        let mut admin = Vec::new();
+        for addr in &snapshot.admin.listen {
+            match keep.remove(addr) {
+                Some(a) => admin.push(a),
+                None => {
+                    if let Some(socket) = fresh_admin.remove(addr) {
+                        admin.push(self.spawn_admin(*addr, socket));
+                    }
+                }
+            }
+        }
+        retired.extend(keep.into_values());
+        *self.admin.lock() = admin;
+
+        for a in retired {
+            tracing::info!(addr = %a.addr(), listener = %a.listener, "no longer accepting");
+            a.stop().await;
+        }
+        Ok(())
+    }
+
+    fn spawn_public(
+        &self,
+        configured: SocketAddr,
+        name: &str,
+        socket: Arc<TcpListener>,
+        tls: Option<TlsAcceptor>,
+    ) -> Acceptor {
+        let (stop, stop_rx) = watch::channel(false);
+        let is_tls = tls.is_some();
+        let opts = ServeOptions {
+            listener: name.into(),
+            tls,
+        };
+        let graceful = self.graceful.lock().clone();
+        let task = match graceful {
+            Some(graceful) => tokio::spawn(listener::serve(
+                Arc::clone(&socket),
+                Arc::clone(&self.proxy),
+                opts,
+                graceful,
+                stop_rx,
+            )),
+            // Shutting down: accept nothing.
+            None => tokio::spawn(async {}),
+        };
+        let a = Acceptor {
+            configured,
+            listener: name.to_owned(),
+            tls: is_tls,
+            socket,
+            stop,
+            task,
+        };
+        tracing::info!(listener = %name, addr = %a.addr(), tls = is_tls, "listening");
+        a
+    }
+
+    fn spawn_admin(self: &Arc<Self>, configured: SocketAddr, socket: Arc<TcpListener>) -> Acceptor {
+        let (stop, stop_rx) = watch::channel(false);
+        let task = tokio::spawn(admin::serve(Arc::clone(&socket), Arc::clone(self), stop_rx));
+        let a = Acceptor {
+            configured,
+            listener: String::new(),
+            tls: false,
+            socket,
+            stop,
+            task,
+        };
+        tracing::info!(addr = %a.addr(), "admin listening");
+        a
     }
 
     /// Stops accepting, then waits up to `grace` for open connections to finish their
     /// requests. Returns whether everything finished in time.
-    pub async fn shutdown(self, grace: Duration) -> bool {
-        let _ = self.stop.send(true);
-        for t in self.accept_tasks {
-            let _ = t.await;
+    pub async fn shutdown(&self, grace: Duration) -> bool {
+        let public = std::mem::take(&mut *self.public.lock());
+        let admin = std::mem::take(&mut *self.admin.lock());
+        for a in public.into_iter().chain(admin) {
+            a.stop().await;
         }
-        let Ok(graceful) = Arc::try_unwrap(self.graceful) else {
-            // Only the accept loops held clones, and they have all returned.
+        // Only the accept loops held clones of the graceful handle, and they have
+        // all returned; connections hold watchers, not the handle.
+        let Some(graceful) = self.graceful.lock().take() else {
+            return false;
+        };
+        let Ok(graceful) = Arc::try_unwrap(graceful) else {
             return false;
         };
         tokio::time::timeout(grace, graceful.shutdown())
             .await
             .is_ok()
     }
+}
+
+fn unix_now() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
 }

@@ -344,7 +344,7 @@ pub fn fill(template: &str, backends: &[&Backend]) -> String {
 
 /// The running balancer and where to reach it.
 pub struct Balancer {
-    pub server: Server,
+    pub server: std::sync::Arc<Server>,
     /// The public listener's IPv4 address.
     pub v4: SocketAddr,
     /// The public listener's IPv6 address.
