@@ -26,6 +26,12 @@ pub enum Body {
     Empty,
     /// A body known in full (local answers). `None` once sent.
     Full(Option<Bytes>),
+    /// A request body partly read ahead while the request was queued: those frames
+    /// first, then the rest of the stream.
+    Prefetched {
+        frames: std::collections::VecDeque<Frame<Bytes>>,
+        inner: Incoming,
+    },
     /// A body streamed from a peer.
     Streaming {
         inner: Incoming,
@@ -48,6 +54,15 @@ impl Body {
             inner,
             checkin: None,
             lease: None,
+        }
+    }
+
+    /// A request body of which `frames` were already read from `inner`.
+    pub fn prefetched(frames: std::collections::VecDeque<Frame<Bytes>>, inner: Incoming) -> Self {
+        if frames.is_empty() {
+            Body::incoming(inner)
+        } else {
+            Body::Prefetched { frames, inner }
         }
     }
 
@@ -87,6 +102,10 @@ impl http_body::Body for Body {
         match self.get_mut() {
             Body::Empty => Poll::Ready(None),
             Body::Full(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+            Body::Prefetched { frames, inner } => match frames.pop_front() {
+                Some(f) => Poll::Ready(Some(Ok(f))),
+                None => Pin::new(inner).poll_frame(cx),
+            },
             Body::Streaming {
                 inner,
                 checkin,
@@ -124,6 +143,7 @@ impl http_body::Body for Body {
         match self {
             Body::Empty => true,
             Body::Full(data) => data.is_none(),
+            Body::Prefetched { frames, inner } => frames.is_empty() && inner.is_end_stream(),
             Body::Streaming { inner, .. } => inner.is_end_stream(),
         }
     }
@@ -133,6 +153,19 @@ impl http_body::Body for Body {
             Body::Empty => SizeHint::with_exact(0),
             Body::Full(Some(d)) => SizeHint::with_exact(d.len() as u64),
             Body::Full(None) => SizeHint::with_exact(0),
+            Body::Prefetched { frames, inner } => {
+                let buffered: u64 = frames
+                    .iter()
+                    .map(|f| f.data_ref().map_or(0, |d| d.len() as u64))
+                    .sum();
+                let rest = inner.size_hint();
+                let mut hint = SizeHint::new();
+                hint.set_lower(rest.lower() + buffered);
+                if let Some(upper) = rest.upper() {
+                    hint.set_upper(upper + buffered);
+                }
+                hint
+            }
             Body::Streaming { inner, .. } => inner.size_hint(),
         }
     }

@@ -19,4 +19,5 @@ pub mod reload;
 pub mod route;
 pub mod server;
 pub mod tls;
+pub mod upgrade;
 pub mod upstream;

@@ -29,6 +29,10 @@ enum Command {
         /// The config file (TOML).
         #[arg(short, long)]
         config: PathBuf,
+        /// Take the listening sockets from the running instance over its upgrade
+        /// socket; that instance then drains and exits (zero-downtime upgrade).
+        #[arg(long)]
+        upgrade: bool,
     },
     /// Validate a config: prints `ok`, or every error (one a line) and exits 1.
     Check {
@@ -58,7 +62,7 @@ fn main() -> ExitCode {
         .init();
     let result = match cli.command {
         Command::Check { config } => return check(&config),
-        Command::Run { config } => run(&config),
+        Command::Run { config, upgrade } => run(&config, upgrade),
         Command::Demo { port, admin_port } => demo(port, admin_port),
     };
     match result {
@@ -112,9 +116,17 @@ fn load(path: &Path) -> anyhow::Result<Snapshot> {
     })
 }
 
-fn run(path: &Path) -> anyhow::Result<()> {
+fn run(path: &Path, upgrade: bool) -> anyhow::Result<()> {
     let snapshot = load(path)?;
-    runtime(snapshot.threads)?.block_on(serve(snapshot, Some(path.to_path_buf())))
+    let handover = if upgrade {
+        let from = snapshot.upgrade_socket.clone();
+        let (sockets, conn) = launchday::upgrade::take(&from)?;
+        tracing::info!(sockets = sockets.len(), from = %from.display(), "took over listening sockets");
+        Some((sockets, conn))
+    } else {
+        None
+    };
+    runtime(snapshot.threads)?.block_on(serve(snapshot, Some(path.to_path_buf()), handover))
 }
 
 fn demo(port: u16, admin_port: u16) -> anyhow::Result<()> {
@@ -132,22 +144,62 @@ fn demo(port: u16, admin_port: u16) -> anyhow::Result<()> {
         let snapshot = config::load_str(&text, Path::new("."), None)
             .map_err(|e| anyhow::anyhow!("demo config invalid:\n{e}"))?;
         let banner = launchday::demo::banner(port, admin_port);
-        serve_with(snapshot, None, move || print!("{banner}")).await
+        serve_with(snapshot, None, None, move || print!("{banner}")).await
     })
 }
 
-async fn serve(snapshot: Snapshot, source: Option<PathBuf>) -> anyhow::Result<()> {
-    serve_with(snapshot, source, || {}).await
+type Handover = (launchday::server::Inherited, std::os::unix::net::UnixStream);
+
+async fn serve(
+    snapshot: Snapshot,
+    source: Option<PathBuf>,
+    handover: Option<Handover>,
+) -> anyhow::Result<()> {
+    serve_with(snapshot, source, handover, || {}).await
 }
 
 async fn serve_with(
     snapshot: Snapshot,
     source: Option<PathBuf>,
+    handover: Option<Handover>,
     on_ready: impl FnOnce(),
 ) -> anyhow::Result<()> {
     let grace = snapshot.shutdown_grace;
-    let server = Server::start(snapshot, prometheus::Registry::new()).await?;
+    let upgrade_path = snapshot.upgrade_socket.clone();
+    let (inherited, conn) = match handover {
+        Some((sockets, conn)) => (sockets, Some(conn)),
+        None => (Default::default(), None),
+    };
+    let server = Server::start_with(snapshot, prometheus::Registry::new(), inherited).await?;
     on_ready();
+    // The upgrade socket: taken over from the old instance, or bound afresh. Without
+    // it the balancer still runs; only `--upgrade` is unavailable.
+    let upgrade_listener = match conn {
+        Some(conn) => {
+            let path = upgrade_path.clone();
+            tokio::task::spawn_blocking(move || launchday::upgrade::confirm(conn, &path))
+                .await
+                .context("upgrade hand-over")?
+                .map(Some)
+                .unwrap_or_else(|e| {
+                    tracing::warn!("{e}; further binary upgrades unavailable");
+                    None
+                })
+        }
+        None if source.is_some() => launchday::upgrade::listen(&upgrade_path)
+            .map_err(|e| tracing::warn!("{e}; binary upgrades unavailable"))
+            .ok(),
+        None => None,
+    };
+    let upgraded = match upgrade_listener {
+        Some(l) => tokio::spawn(launchday::upgrade::serve(
+            l,
+            Arc::clone(&server),
+            upgrade_path.clone(),
+        )),
+        None => tokio::spawn(std::future::pending()),
+    };
+    tokio::pin!(upgraded);
     let mut hup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
     let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
@@ -167,6 +219,10 @@ async fn serve_with(
             },
             _ = term.recv() => break,
             _ = int.recv() => break,
+            _ = &mut upgraded => {
+                tracing::info!("a new instance took over the sockets: draining and exiting");
+                break;
+            }
         }
     }
     tracing::info!(grace = ?grace, "stopping: no new connections, finishing in-flight requests");

@@ -194,15 +194,28 @@ impl Proxy {
         let class = matched.class.unwrap_or_else(|| class_of(req.method()));
         let pool = &live.pools[matched.pool];
         let start = Instant::now();
-        let resp = match pool.acquire(class).await {
-            Ok(lease) => forward(req, lease, fwd).await,
+        let (parts, incoming) = req.into_parts();
+        let (acquired, body) = if http_body::Body::is_end_stream(&incoming) {
+            (pool.acquire(class).await, Body::incoming(incoming))
+        } else {
+            match acquire_watching_body(pool, class, incoming).await {
+                Ok(done) => done,
+                Err(()) => {
+                    // The client went away while queued: it left the queue; nobody
+                    // is there to read an answer.
+                    return local(StatusCode::BAD_REQUEST, "client_closed", "Client closed.\n");
+                }
+            }
+        };
+        let resp = match acquired {
+            Ok(lease) => forward(parts, body, lease, fwd).await,
             Err(shed) => {
                 let mut resp = live.page.response(
                     class,
-                    req.headers().get(header::ACCEPT_ENCODING),
+                    parts.headers.get(header::ACCEPT_ENCODING),
                     shed.reason(),
                 );
-                if !http_body::Body::is_end_stream(req.body()) {
+                if !http_body::Body::is_end_stream(&body) {
                     // The unread body must never be parsed as a next request: close.
                     resp.headers_mut()
                         .insert(header::CONNECTION, HeaderValue::from_static("close"));
@@ -265,13 +278,48 @@ fn beacon() -> Response<Body> {
     resp
 }
 
+/// Most request-body bytes read ahead while a request waits for admission.
+pub const PREFETCH_LIMIT: usize = 256 * 1024;
+
+/// Waits for admission while reading the request body ahead (up to
+/// [`PREFETCH_LIMIT`]). Reading is what lets hyper see a client that closes its
+/// connection while queued: then the wait is abandoned (`Err`), which takes the
+/// request out of the queue. The body read so far is replayed to the back end.
+async fn acquire_watching_body(
+    pool: &Arc<Pool>,
+    class: Class,
+    mut incoming: Incoming,
+) -> Result<(Result<crate::pool::Lease, crate::pool::Shed>, Body), ()> {
+    use http_body_util::BodyExt;
+    let acquire = pool.acquire(class);
+    tokio::pin!(acquire);
+    let mut frames = std::collections::VecDeque::new();
+    let mut read = 0usize;
+    let mut ended = false;
+    let acquired = loop {
+        tokio::select! {
+            biased;
+            r = &mut acquire => break r,
+            f = incoming.frame(), if !ended && read < PREFETCH_LIMIT => match f {
+                Some(Ok(frame)) => {
+                    read += frame.data_ref().map_or(0, |d| d.len());
+                    frames.push_back(frame);
+                }
+                None => ended = true,
+                Some(Err(_)) => return Err(()),
+            },
+        }
+    };
+    Ok((acquired, Body::prefetched(frames, incoming)))
+}
+
 async fn forward(
-    req: Request<Incoming>,
+    mut parts: http::request::Parts,
+    body: Body,
     lease: crate::pool::Lease,
     fwd: &Forwarded,
 ) -> Response<Body> {
     let backend = lease.backend();
-    let (mut parts, body) = req.into_parts();
     headers::rewrite_request(&mut parts.headers, fwd, &backend.spec.address_text);
     // Back ends get origin-form targets; absolute-form was routed on its authority.
     if parts.uri.scheme().is_some() || parts.uri.authority().is_some() {
@@ -289,7 +337,7 @@ async fn forward(
         parts.uri = pq.parse::<Uri>().unwrap_or_else(|_| Uri::from_static("/"));
     }
     parts.version = http::Version::HTTP_11;
-    let up_req = Request::from_parts(parts, Body::incoming(body));
+    let up_req = Request::from_parts(parts, body);
     match backend.upstream.send(up_req).await {
         Ok((resp, checkin)) => {
             let (mut parts, body) = resp.into_parts();

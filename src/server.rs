@@ -101,19 +101,35 @@ pub struct Server {
     reloading: tokio::sync::Mutex<()>,
 }
 
+/// Sockets handed over by a running instance (binary upgrade), by configured address.
+pub type Inherited = HashMap<SocketAddr, std::net::TcpListener>;
+
 fn bind_all(
     want: &[(SocketAddr, String)],
     have: &[Acceptor],
+    inherited: &mut Inherited,
 ) -> Result<HashMap<SocketAddr, Arc<TcpListener>>, ServerError> {
     let mut fresh = HashMap::new();
     for (addr, key) in want {
         if have.iter().any(|a| a.configured == *addr) || fresh.contains_key(addr) {
             continue;
         }
-        let sock = listener::bind(*addr).map_err(|source| ServerError::Bind {
+        let err = |source| ServerError::Bind {
             key: key.clone(),
             source,
-        })?;
+        };
+        let sock = match inherited.remove(addr) {
+            Some(std_sock) => std_sock
+                .set_nonblocking(true)
+                .and_then(|()| TcpListener::from_std(std_sock))
+                .map_err(|source| {
+                    err(listener::ListenerError::Bind {
+                        addr: *addr,
+                        source,
+                    })
+                })?,
+            None => listener::bind(*addr).map_err(err)?,
+        };
         fresh.insert(*addr, Arc::new(sock));
     }
     Ok(fresh)
@@ -143,8 +159,21 @@ fn admin_binds(s: &Snapshot) -> Vec<(SocketAddr, String)> {
 impl Server {
     /// Binds everything in `snapshot` and starts serving on the current runtime.
     pub async fn start(snapshot: Snapshot, registry: Registry) -> Result<Arc<Server>, ServerError> {
-        let public = bind_all(&public_binds(&snapshot), &[])?;
-        let admin = bind_all(&admin_binds(&snapshot), &[])?;
+        Self::start_with(snapshot, registry, Inherited::new()).await
+    }
+
+    /// Like [`Server::start`], using `inherited` sockets where their configured address
+    /// matches (the rest are bound; inherited sockets no longer configured are closed).
+    pub async fn start_with(
+        snapshot: Snapshot,
+        registry: Registry,
+        mut inherited: Inherited,
+    ) -> Result<Arc<Server>, ServerError> {
+        let public = bind_all(&public_binds(&snapshot), &[], &mut inherited)?;
+        let admin = bind_all(&admin_binds(&snapshot), &[], &mut inherited)?;
+        for addr in inherited.keys() {
+            tracing::info!(%addr, "inherited socket no longer configured; closing it");
+        }
         let reloads = prometheus::IntCounterVec::new(
             prometheus::Opts::new(
                 "launchday_config_reloads_total",
@@ -201,6 +230,19 @@ impl Server {
         self.admin.lock().iter().map(Acceptor::addr).collect()
     }
 
+    /// Duplicates of every listening socket (public and admin) with its configured
+    /// address, to hand over to a new instance.
+    pub fn sockets(&self) -> std::io::Result<Vec<(SocketAddr, std::os::fd::OwnedFd)>> {
+        use std::os::fd::AsFd;
+        let public = self.public.lock();
+        let admin = self.admin.lock();
+        public
+            .iter()
+            .chain(admin.iter())
+            .map(|a| Ok((a.configured, a.socket.as_fd().try_clone_to_owned()?)))
+            .collect()
+    }
+
     /// The request handler.
     pub fn proxy(&self) -> &Arc<Proxy> {
         &self.proxy
@@ -233,8 +275,16 @@ impl Server {
     /// in (the very next request uses it), then retires removed addresses.
     pub async fn apply(self: &Arc<Self>, snapshot: Snapshot) -> Result<(), ServerError> {
         let _one_at_a_time = self.reloading.lock().await;
-        let public = bind_all(&public_binds(&snapshot), &self.public.lock())?;
-        let admin = bind_all(&admin_binds(&snapshot), &self.admin.lock())?;
+        let public = bind_all(
+            &public_binds(&snapshot),
+            &self.public.lock(),
+            &mut Inherited::new(),
+        )?;
+        let admin = bind_all(
+            &admin_binds(&snapshot),
+            &self.admin.lock(),
+            &mut Inherited::new(),
+        )?;
         let snapshot = Arc::new(snapshot);
         self.proxy.apply(Arc::clone(&snapshot));
         self.switch_listeners(&snapshot, public, admin).await

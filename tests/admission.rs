@@ -1061,3 +1061,75 @@ async fn a_queued_client_that_disconnects_frees_its_place() {
         Some(0.0)
     );
 }
+
+/// Like the GET case above, for writes whose body hyper has not read to its end while
+/// they wait (a body larger than one read, or chunked): the client's going away must
+/// free the place as well, not hold it until `queue_timeout`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_queued_post_with_a_body_whose_client_disconnects_frees_its_place() {
+    use tokio::io::AsyncWriteExt;
+    let slow = SlowBackend::held("b", Duration::ZERO).await;
+    let lb = Balancer::start(&one_pool("shop", slow.addr, 1, 1, "30s")).await;
+    let a = spawn_get(lb.v6, "/a").await;
+    slow.wait_count(1).await;
+
+    let form = "x".repeat(64 * 1024);
+    let cases = [
+        (
+            "Content-Length 64 KiB",
+            format!(
+                "POST /gone/big HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{form}",
+                form.len()
+            ),
+        ),
+        (
+            "chunked",
+            "POST /gone/chunked HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n\
+             3\r\nx=1\r\n0\r\n\r\n"
+                .to_owned(),
+        ),
+    ];
+    let mut not_freed = Vec::new();
+    for (what, bytes) in cases {
+        let mut s = tokio::net::TcpStream::connect(lb.v4)
+            .await
+            .expect("connect");
+        s.write_all(bytes.as_bytes()).await.expect("write");
+        lb.wait_metric(&depth("shop"), 1.0).await;
+        drop(s);
+        // Far less than queue_timeout (30 s): the GET case takes about a millisecond.
+        let t = Instant::now();
+        let mut freed = false;
+        for _ in 0..1000 {
+            if lb.metric(&depth("shop")).await == Some(0.0) {
+                freed = true;
+                break;
+            }
+            if t.elapsed() > Duration::from_secs(2) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        if !freed {
+            not_freed.push(what);
+            // Empty the queue to go on with the next case.
+            let on = lb.admin_post("/api/pools/shop/maintenance", "on").await;
+            assert_eq!(on.status, StatusCode::OK);
+            let off = lb.admin_post("/api/pools/shop/maintenance", "off").await;
+            assert_eq!(off.status, StatusCode::OK);
+            lb.wait_metric(&depth("shop"), 0.0).await;
+        }
+    }
+    slow.release();
+    assert_eq!(join(a).await.status, StatusCode::OK);
+    assert_eq!(
+        not_freed,
+        Vec::<&str>::new(),
+        "queued POSTs whose client closed the connection stayed in the queue"
+    );
+    assert_eq!(
+        slow.count(),
+        1,
+        "the writes of clients that left were proxied"
+    );
+}

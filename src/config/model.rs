@@ -26,6 +26,10 @@ pub struct RootConfig {
     pub threads: Option<i64>,
     /// `allow_ipv4_backends`: permit back ends with IPv4 addresses. Default `false`.
     pub allow_ipv4_backends: Option<bool>,
+    /// `upgrade_socket`: Unix socket path on which a running instance hands its
+    /// listening sockets to `launchday run --upgrade`; relative to the config file.
+    /// Default `"/run/launchday.sock"`.
+    pub upgrade_socket: Option<String>,
     /// `trusted_proxies`: CIDRs (`"2001:db8::/32"`) or bare IPs (a /32 or /128) whose
     /// forwarding headers are kept. Default `[]`.
     pub trusted_proxies: Option<Vec<String>>,

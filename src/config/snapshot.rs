@@ -26,6 +26,8 @@ pub struct Snapshot {
     pub threads: usize,
     /// Whether back ends may have IPv4 addresses.
     pub allow_ipv4_backends: bool,
+    /// Unix socket for zero-downtime binary upgrades.
+    pub upgrade_socket: PathBuf,
     /// Peers whose `X-Forwarded-For`/`X-Real-IP`/`Forwarded` are kept (appended to).
     pub trusted_proxies: Vec<IpNet>,
     pub admin: AdminSpec,

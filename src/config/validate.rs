@@ -46,6 +46,17 @@ pub fn validate(
         None => std::thread::available_parallelism().map_or(1, usize::from),
     };
     let allow_ipv4_backends = raw.allow_ipv4_backends.unwrap_or(false);
+    let upgrade_socket = match raw.upgrade_socket.as_deref() {
+        None => PathBuf::from(DEFAULT_UPGRADE_SOCKET),
+        Some("") => {
+            e.push(
+                ConfigError::new("upgrade_socket", "empty path")
+                    .with_hint(format!("omit it for {DEFAULT_UPGRADE_SOCKET}")),
+            );
+            PathBuf::new()
+        }
+        Some(p) => base_dir.join(p),
+    };
     let trusted_proxies = raw
         .trusted_proxies
         .unwrap_or_default()
@@ -74,6 +85,7 @@ pub fn validate(
         shutdown_grace,
         threads,
         allow_ipv4_backends,
+        upgrade_socket,
         trusted_proxies,
         admin,
         listeners,
@@ -83,6 +95,9 @@ pub fn validate(
         limits,
     })
 }
+
+/// Where `run --upgrade` finds the running instance unless `upgrade_socket` is set.
+pub const DEFAULT_UPGRADE_SOCKET: &str = "/run/launchday.sock";
 
 fn routes(
     e: &mut Errors,
