@@ -5,7 +5,9 @@
 //! - Every socket a snapshot needs is bound before anything changes, so a bind
 //!   failure (port in use, permission) fails `start` or `apply` as a whole: nothing
 //!   half-starts and a failed reload leaves the running config and sockets as they were.
-//! - Sockets are keyed by their configured address: an address kept by a reload keeps
+//! - Sockets are keyed by their configured address ([`BindKey`]: admin or public,
+//!   address, and which occurrence of that address it is, so several `:0` binds stay
+//!   distinct): an address kept by a reload keeps
 //!   its socket (no connection is refused during the reload); its accept loop is only
 //!   restarted when the listener's name or TLS-ness changes. A removed address stops
 //!   accepting and its open connections finish their requests.
@@ -66,9 +68,45 @@ pub struct Bound {
     pub addr: SocketAddr,
 }
 
+/// The identity of a configured socket across reloads and upgrades.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct BindKey {
+    pub admin: bool,
+    /// As configured (port 0 stays 0).
+    pub addr: SocketAddr,
+    /// 0 for the first bind of this address (of its kind) in config order, 1 for the
+    /// next... Only port-0 addresses can repeat.
+    pub nth: usize,
+}
+
+impl std::fmt::Display for BindKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let kind = if self.admin { "admin" } else { "public" };
+        write!(f, "{kind} {} {}", self.addr, self.nth)
+    }
+}
+
+impl std::str::FromStr for BindKey {
+    type Err = ();
+    fn from_str(s: &str) -> Result<Self, ()> {
+        let mut it = s.split(' ');
+        let admin = match it.next() {
+            Some("admin") => true,
+            Some("public") => false,
+            _ => return Err(()),
+        };
+        let addr = it.next().ok_or(())?.parse().map_err(|_| ())?;
+        let nth = it.next().ok_or(())?.parse().map_err(|_| ())?;
+        match it.next() {
+            None => Ok(BindKey { admin, addr, nth }),
+            Some(_) => Err(()),
+        }
+    }
+}
+
 /// One socket and the loop accepting on it.
 struct Acceptor {
-    configured: SocketAddr,
+    configured: BindKey,
     /// Listener name; empty for the admin listener.
     listener: String,
     tls: bool,
@@ -79,7 +117,7 @@ struct Acceptor {
 
 impl Acceptor {
     fn addr(&self) -> SocketAddr {
-        self.socket.local_addr().unwrap_or(self.configured)
+        self.socket.local_addr().unwrap_or(self.configured.addr)
     }
 
     async fn stop(self) {
@@ -102,23 +140,24 @@ pub struct Server {
 }
 
 /// Sockets handed over by a running instance (binary upgrade), by configured address.
-pub type Inherited = HashMap<SocketAddr, std::net::TcpListener>;
+pub type Inherited = HashMap<BindKey, std::net::TcpListener>;
 
 fn bind_all(
-    want: &[(SocketAddr, String)],
+    want: &[(BindKey, String)],
     have: &[Acceptor],
     inherited: &mut Inherited,
-) -> Result<HashMap<SocketAddr, Arc<TcpListener>>, ServerError> {
+) -> Result<HashMap<BindKey, Arc<TcpListener>>, ServerError> {
     let mut fresh = HashMap::new();
-    for (addr, key) in want {
-        if have.iter().any(|a| a.configured == *addr) || fresh.contains_key(addr) {
+    for (bind, key) in want {
+        if have.iter().any(|a| a.configured == *bind) || fresh.contains_key(bind) {
             continue;
         }
+        let addr = &bind.addr;
         let err = |source| ServerError::Bind {
             key: key.clone(),
             source,
         };
-        let sock = match inherited.remove(addr) {
+        let sock = match inherited.remove(bind) {
             Some(std_sock) => std_sock
                 .set_nonblocking(true)
                 .and_then(|()| TcpListener::from_std(std_sock))
@@ -130,30 +169,54 @@ fn bind_all(
                 })?,
             None => listener::bind(*addr).map_err(err)?,
         };
-        fresh.insert(*addr, Arc::new(sock));
+        fresh.insert(*bind, Arc::new(sock));
     }
     Ok(fresh)
 }
 
-fn public_binds(s: &Snapshot) -> Vec<(SocketAddr, String)> {
-    s.listeners
-        .iter()
-        .flat_map(|l| {
-            l.bind
-                .iter()
-                .enumerate()
-                .map(|(i, a)| (*a, format!("listeners.{}.bind[{i}]", l.name)))
+/// Keys in config order for a list of addresses.
+fn keys(admin: bool, addrs: impl Iterator<Item = SocketAddr>) -> Vec<BindKey> {
+    let mut seen: HashMap<SocketAddr, usize> = HashMap::new();
+    addrs
+        .map(|addr| {
+            let n = seen.entry(addr).or_insert(0);
+            let key = BindKey {
+                admin,
+                addr,
+                nth: *n,
+            };
+            *n += 1;
+            key
         })
         .collect()
 }
 
-fn admin_binds(s: &Snapshot) -> Vec<(SocketAddr, String)> {
-    s.admin
-        .listen
-        .iter()
-        .enumerate()
-        .map(|(i, a)| (*a, format!("admin.listen[{i}]")))
+/// (key, config path, listener index) of every public bind, in config order.
+fn public_binds(s: &Snapshot) -> Vec<(BindKey, String, usize)> {
+    let paths = s.listeners.iter().enumerate().flat_map(|(li, l)| {
+        l.bind
+            .iter()
+            .enumerate()
+            .map(move |(i, a)| (*a, format!("listeners.{}.bind[{i}]", l.name), li))
+    });
+    let paths: Vec<_> = paths.collect();
+    keys(false, paths.iter().map(|p| p.0))
+        .into_iter()
+        .zip(paths)
+        .map(|(k, (_, path, li))| (k, path, li))
         .collect()
+}
+
+fn admin_binds(s: &Snapshot) -> Vec<(BindKey, String)> {
+    keys(true, s.admin.listen.iter().copied())
+        .into_iter()
+        .enumerate()
+        .map(|(i, k)| (k, format!("admin.listen[{i}]")))
+        .collect()
+}
+
+fn without_index(binds: Vec<(BindKey, String, usize)>) -> Vec<(BindKey, String)> {
+    binds.into_iter().map(|(k, p, _)| (k, p)).collect()
 }
 
 impl Server {
@@ -169,10 +232,10 @@ impl Server {
         registry: Registry,
         mut inherited: Inherited,
     ) -> Result<Arc<Server>, ServerError> {
-        let public = bind_all(&public_binds(&snapshot), &[], &mut inherited)?;
+        let public = bind_all(&without_index(public_binds(&snapshot)), &[], &mut inherited)?;
         let admin = bind_all(&admin_binds(&snapshot), &[], &mut inherited)?;
-        for addr in inherited.keys() {
-            tracing::info!(%addr, "inherited socket no longer configured; closing it");
+        for key in inherited.keys() {
+            tracing::info!(socket = %key, "inherited socket no longer configured; closing it");
         }
         let reloads = prometheus::IntCounterVec::new(
             prometheus::Opts::new(
@@ -232,7 +295,7 @@ impl Server {
 
     /// Duplicates of every listening socket (public and admin) with its configured
     /// address, to hand over to a new instance.
-    pub fn sockets(&self) -> std::io::Result<Vec<(SocketAddr, std::os::fd::OwnedFd)>> {
+    pub fn sockets(&self) -> std::io::Result<Vec<(BindKey, std::os::fd::OwnedFd)>> {
         use std::os::fd::AsFd;
         let public = self.public.lock();
         let admin = self.admin.lock();
@@ -276,7 +339,7 @@ impl Server {
     pub async fn apply(self: &Arc<Self>, snapshot: Snapshot) -> Result<(), ServerError> {
         let _one_at_a_time = self.reloading.lock().await;
         let public = bind_all(
-            &public_binds(&snapshot),
+            &without_index(public_binds(&snapshot)),
             &self.public.lock(),
             &mut Inherited::new(),
         )?;
@@ -295,8 +358,8 @@ impl Server {
     async fn switch_listeners(
         self: &Arc<Self>,
         snapshot: &Snapshot,
-        mut fresh_public: HashMap<SocketAddr, Arc<TcpListener>>,
-        mut fresh_admin: HashMap<SocketAddr, Arc<TcpListener>>,
+        mut fresh_public: HashMap<BindKey, Arc<TcpListener>>,
+        mut fresh_admin: HashMap<BindKey, Arc<TcpListener>>,
     ) -> Result<(), ServerError> {
         // TLS acceptors first: the only step here that can fail.
         let mut acceptors: HashMap<&str, Option<TlsAcceptor>> = HashMap::new();
@@ -311,46 +374,44 @@ impl Server {
             acceptors.insert(&l.name, tls);
         }
         let old_public = std::mem::take(&mut *self.public.lock());
-        let mut keep: HashMap<SocketAddr, Acceptor> =
+        let mut keep: HashMap<BindKey, Acceptor> =
             old_public.into_iter().map(|a| (a.configured, a)).collect();
         let mut running = Vec::new();
         let mut retired = Vec::new();
-        for l in &snapshot.listeners {
+        for (key, _, li) in public_binds(snapshot) {
+            let l = &snapshot.listeners[li];
             let tls = acceptors.get(l.name.as_str()).cloned().flatten();
-            for addr in &l.bind {
-                let kept = keep.remove(addr);
-                let socket = match kept {
-                    Some(a) if a.listener == l.name && a.tls == tls.is_some() => {
-                        running.push(a);
-                        continue;
-                    }
-                    Some(a) => {
-                        // Same socket, new settings: restart its loop.
-                        let socket = Arc::clone(&a.socket);
-                        retired.push(a);
-                        socket
-                    }
-                    None => match fresh_public.remove(addr) {
-                        Some(s) => s,
-                        None => continue,
-                    },
-                };
-                running.push(self.spawn_public(*addr, &l.name, socket, tls.clone()));
-            }
+            let socket = match keep.remove(&key) {
+                Some(a) if a.listener == l.name && a.tls == tls.is_some() => {
+                    running.push(a);
+                    continue;
+                }
+                Some(a) => {
+                    // Same socket, new settings: restart its loop.
+                    let socket = Arc::clone(&a.socket);
+                    retired.push(a);
+                    socket
+                }
+                None => match fresh_public.remove(&key) {
+                    Some(s) => s,
+                    None => continue,
+                },
+            };
+            running.push(self.spawn_public(key, &l.name, socket, tls));
         }
         retired.extend(keep.into_values());
         *self.public.lock() = running;
 
         let old_admin = std::mem::take(&mut *self.admin.lock());
-        let mut keep: HashMap<SocketAddr, Acceptor> =
+        let mut keep: HashMap<BindKey, Acceptor> =
             old_admin.into_iter().map(|a| (a.configured, a)).collect();
         let mut admin = Vec::new();
-        for addr in &snapshot.admin.listen {
-            match keep.remove(addr) {
+        for (key, _) in admin_binds(snapshot) {
+            match keep.remove(&key) {
                 Some(a) => admin.push(a),
                 None => {
-                    if let Some(socket) = fresh_admin.remove(addr) {
-                        admin.push(self.spawn_admin(*addr, socket));
+                    if let Some(socket) = fresh_admin.remove(&key) {
+                        admin.push(self.spawn_admin(key, socket));
                     }
                 }
             }
@@ -367,7 +428,7 @@ impl Server {
 
     fn spawn_public(
         &self,
-        configured: SocketAddr,
+        configured: BindKey,
         name: &str,
         socket: Arc<TcpListener>,
         tls: Option<TlsAcceptor>,
@@ -402,7 +463,7 @@ impl Server {
         a
     }
 
-    fn spawn_admin(self: &Arc<Self>, configured: SocketAddr, socket: Arc<TcpListener>) -> Acceptor {
+    fn spawn_admin(self: &Arc<Self>, configured: BindKey, socket: Arc<TcpListener>) -> Acceptor {
         let (stop, stop_rx) = watch::channel(false);
         let task = tokio::spawn(admin::serve(Arc::clone(&socket), Arc::clone(self), stop_rx));
         let a = Acceptor {

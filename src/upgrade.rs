@@ -4,8 +4,8 @@
 //! Protocol (one connection, blocking I/O off the runtime):
 //! 1. new → old: connects and sends `upgrade\n` (a bare connect, such as another
 //!    instance checking whether the socket is live, gets nothing).
-//! 2. old → new: one message whose text is the configured address of each socket,
-//!    one a line, carrying the duplicated socket descriptors (`SCM_RIGHTS`) in the
+//! 2. old → new: one message whose text is the key of each socket (`public
+//!    [::]:80 0`: kind, configured address, occurrence), one a line, carrying the duplicated socket descriptors (`SCM_RIGHTS`) in the
 //!    same order.
 //! 3. new: starts serving with those sockets (`Server::start_with`), binding whatever
 //!    else its config needs; then sends `ready\n`. If it fails to start it closes the
@@ -19,7 +19,6 @@
 
 use std::io::{BufRead, BufReader, IoSlice, IoSliceMut, Write};
 use std::mem::MaybeUninit;
-use std::net::SocketAddr;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -31,7 +30,7 @@ use rustix::net::{
     SendAncillaryMessage, SendFlags,
 };
 
-use crate::server::{Inherited, Server};
+use crate::server::{BindKey, Inherited, Server};
 
 /// Most sockets handed over in one upgrade.
 pub const MAX_SOCKETS: usize = 64;
@@ -83,7 +82,7 @@ pub fn take(path: &Path) -> Result<(Inherited, UnixStream), UpgradeError> {
     }
     let text = std::str::from_utf8(&text[..got.bytes])
         .map_err(|_| UpgradeError::Protocol(path.to_owned()))?;
-    let addrs: Vec<SocketAddr> = text
+    let addrs: Vec<BindKey> = text
         .lines()
         .map(str::parse)
         .collect::<Result<_, _>>()

@@ -192,11 +192,15 @@ fn tls(e: &mut Errors, label: &str, raw: TlsConfig, base_dir: &Path) -> Option<T
     let default = match raw.default_certificate {
         None => 0,
         Some(name) => {
-            let lower = name.to_ascii_lowercase();
-            match certificates.iter().position(|c| {
-                c.names
+            // The same choice SNI would make for this name: exact, then wildcard.
+            let lower = name.trim_end_matches('.').to_ascii_lowercase();
+            let exact = certificates
+                .iter()
+                .position(|c| c.names.contains(&lower));
+            match exact.or_else(|| {
+                certificates
                     .iter()
-                    .any(|n| n == &lower || certs::covers(n, &lower))
+                    .position(|c| c.names.iter().any(|n| certs::covers(n, &lower)))
             }) {
                 Some(i) => i,
                 None => {
