@@ -174,16 +174,26 @@ analytics = "<!-- your analytics snippet here -->"
 
 /// What the demo prints once it runs.
 pub fn banner(port: u16, admin_port: u16) -> String {
-    format!(
-        "launchday demo is running.\n\
-         \n\
-         Try:\n\
-         \x20 curl -si http://[::1]:{port}/ | grep -i served-by          # 11 in 12 from blog-vm-1, 1 in 12 from the Pi\n\
-         \x20 for i in $(seq 12); do curl -s -o /dev/null -w '%{{http_code}} ' -D - http://127.0.0.1:{port}/ | grep -i served-by; done\n\
-         \x20 curl -s http://127.0.0.1:{admin_port}/metrics | grep launchday_requests_total\n\
-         \n\
-         Ctrl-C stops it.\n"
-    )
+    let lines = [
+        "launchday demo is running.".to_owned(),
+        String::new(),
+        "Try:".to_owned(),
+        format!("  curl -si http://[::1]:{port}/ | grep -i served-by"),
+        format!(
+            "  for i in $(seq 12); do curl -s -D - -o /dev/null http://127.0.0.1:{port}/ | grep -i served-by; done   # 11 x blog-vm-1, 1 x Raspberry Pi 3"
+        ),
+        format!("  curl -s http://127.0.0.1:{admin_port}/metrics | grep launchday_requests_total"),
+        String::new(),
+        "Overload the forums (2 slow pages at a time, a queue of 8) and watch them shed to the maintenance page:".to_owned(),
+        format!(
+            "  seq 60 | xargs -P 30 -I{{}} curl -s -o /dev/null -w '%{{http_code}}\\n' http://127.0.0.1:{port}/forums/ | sort | uniq -c"
+        ),
+        format!("  curl -s http://127.0.0.1:{admin_port}/metrics | grep -E 'launchday_(shed_total|maintenance)'"),
+        format!("  curl -s -d on http://127.0.0.1:{admin_port}/api/pools/forums/maintenance   # manual maintenance; off to undo"),
+        String::new(),
+        "Ctrl-C stops it.".to_owned(),
+    ];
+    lines.join("\n") + "\n"
 }
 
 #[cfg(test)]

@@ -194,9 +194,7 @@ fn tls(e: &mut Errors, label: &str, raw: TlsConfig, base_dir: &Path) -> Option<T
         Some(name) => {
             // The same choice SNI would make for this name: exact, then wildcard.
             let lower = name.trim_end_matches('.').to_ascii_lowercase();
-            let exact = certificates
-                .iter()
-                .position(|c| c.names.contains(&lower));
+            let exact = certificates.iter().position(|c| c.names.contains(&lower));
             match exact.or_else(|| {
                 certificates
                     .iter()
