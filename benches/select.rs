@@ -40,6 +40,10 @@ fn pool(n: usize) -> Arc<Pool> {
         maintenance: false,
         backends,
         health_check: None,
+        retries: 1,
+        passive_failures: 0,
+        passive_cooldown: Duration::from_secs(10),
+        slow_start: Duration::ZERO,
     };
     let metrics = Metrics::new(prometheus::Registry::new()).expect("metrics");
     Arc::new(Pool::new(spec, &metrics, Upstream::new))

@@ -9,6 +9,7 @@ pub mod body;
 pub mod config;
 pub mod demo;
 pub mod headers;
+pub mod health;
 pub mod hll;
 pub mod listener;
 pub mod maintenance;

@@ -43,6 +43,9 @@ pub struct Metrics {
     beacons: IntCounter,
     unique_visitors: IntGauge,
     visitors: Arc<HyperLogLog>,
+    backend_up: IntGaugeVec,
+    health_checks: IntCounterVec,
+    retries: IntCounterVec,
 }
 
 impl Metrics {
@@ -119,8 +122,32 @@ impl Metrics {
             "launchday_maintenance_unique_visitors",
             "Estimated distinct client addresses that were served the maintenance page (HyperLogLog, about 1% error).",
         )?;
+        let backend_up = IntGaugeVec::new(
+            Opts::new(
+                "launchday_backend_up",
+                "1 while the back end may get requests (health checks), else 0.",
+            ),
+            &["pool", "backend"],
+        )?;
+        let health_checks = IntCounterVec::new(
+            Opts::new(
+                "launchday_health_checks_total",
+                "Active health checks, by result (success, failure).",
+            ),
+            &["pool", "backend", "result"],
+        )?;
+        let retries = IntCounterVec::new(
+            Opts::new(
+                "launchday_retries_total",
+                "Requests tried again on another back end, by reason (connect_failed, failed_before_response).",
+            ),
+            &["pool", "reason"],
+        )?;
         for c in [
-            Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(backend_up.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(health_checks.clone()),
+            Box::new(retries.clone()),
+            Box::new(requests.clone()),
             Box::new(duration.clone()),
             Box::new(backend_weight.clone()),
             Box::new(backend_in_flight.clone()),
@@ -146,6 +173,9 @@ impl Metrics {
             beacons,
             unique_visitors,
             visitors: Arc::new(HyperLogLog::new()),
+            backend_up,
+            health_checks,
+            retries,
         })
     }
 
@@ -166,6 +196,8 @@ impl Metrics {
             queue_depth: self.queue_depth.with_label_values(&[pool]),
             queue_wait: self.queue_wait.with_label_values(&[pool]),
             maintenance_pages: self.maintenance_pages.with_label_values(&[pool]),
+            retries: ["connect_failed", "failed_before_response"]
+                .map(|r| self.retries.with_label_values(&[pool, r])),
         }
     }
 
@@ -176,6 +208,9 @@ impl Metrics {
         BackendMetrics {
             requests: CodeCounters::new(&self.requests, pool, backend),
             in_flight: self.backend_in_flight.with_label_values(&[pool, backend]),
+            up: self.backend_up.with_label_values(&[pool, backend]),
+            checks: ["success", "failure"]
+                .map(|r| self.health_checks.with_label_values(&[pool, backend, r])),
         }
     }
 
@@ -184,6 +219,7 @@ impl Metrics {
     pub fn forget_backend(&self, pool: &str, backend: &str) {
         let _ = self.backend_weight.remove_label_values(&[pool, backend]);
         let _ = self.backend_in_flight.remove_label_values(&[pool, backend]);
+        let _ = self.backend_up.remove_label_values(&[pool, backend]);
     }
 
     /// Counters for requests that matched no route (`pool="-"`, `backend="-"`).
@@ -242,6 +278,8 @@ pub struct PoolMetrics {
     pub queue_depth: IntGauge,
     pub queue_wait: Histogram,
     pub maintenance_pages: IntCounter,
+    /// `launchday_retries_total`: [connect_failed, failed_before_response].
+    pub retries: [IntCounter; 2],
 }
 
 impl PoolMetrics {
@@ -258,6 +296,9 @@ impl PoolMetrics {
 pub struct BackendMetrics {
     pub requests: CodeCounters,
     pub in_flight: IntGauge,
+    pub up: IntGauge,
+    /// `launchday_health_checks_total`: [success, failure].
+    pub checks: [IntCounter; 2],
 }
 
 #[cfg(test)]

@@ -25,7 +25,7 @@ use crate::metrics::{CodeCounters, Metrics};
 use crate::pool::Pool;
 use crate::route::{strip_port, Router};
 use crate::tls::certs;
-use crate::upstream::Upstream;
+use crate::upstream::{Failed, Upstream, UpstreamError};
 
 /// What a request needs from the configuration, built once per snapshot.
 pub struct Live {
@@ -101,7 +101,11 @@ impl Proxy {
                     pool.reconfigure(spec.clone(), &self.metrics, &mut upstream);
                     Arc::clone(pool)
                 }
-                None => Arc::new(Pool::new(spec.clone(), &self.metrics, &mut upstream)),
+                None => {
+                    let pool = Arc::new(Pool::new(spec.clone(), &self.metrics, &mut upstream));
+                    pool.start_checks();
+                    pool
+                }
             })
             .collect();
         // Pools and connection pools no longer configured are dropped from the
@@ -208,7 +212,7 @@ impl Proxy {
             }
         };
         let resp = match acquired {
-            Ok(lease) => forward(parts, body, lease, fwd).await,
+            Ok(lease) => forward(parts, body, lease, fwd, class).await,
             Err(shed) => {
                 let mut resp = live.page.response(
                     class,
@@ -313,14 +317,19 @@ async fn acquire_watching_body(
     Ok((acquired, Body::prefetched(frames, incoming)))
 }
 
+/// Sends the request to the leased back end. A failure that is safe to retry (nothing
+/// was sent, or an idempotent request without a body got no response byte) is tried
+/// again on another back end, up to the pool's `retries`, through the pool's normal
+/// admission (so retries respect `max_connections` and the queue). Every outcome
+/// feeds the back end's passive health.
 async fn forward(
     mut parts: http::request::Parts,
     body: Body,
-    lease: crate::pool::Lease,
+    mut lease: crate::pool::Lease,
     fwd: &Forwarded,
+    class: Class,
 ) -> Response<Body> {
-    let backend = lease.backend();
-    headers::rewrite_request(&mut parts.headers, fwd, &backend.spec.address_text);
+    headers::rewrite_request(&mut parts.headers, fwd, &lease.backend().spec.address_text);
     // Back ends get origin-form targets; absolute-form was routed on its authority.
     if parts.uri.scheme().is_some() || parts.uri.authority().is_some() {
         // RFC 9112 §3.2.2: the target's authority replaces any Host the client sent.
@@ -337,23 +346,56 @@ async fn forward(
         parts.uri = pq.parse::<Uri>().unwrap_or_else(|_| Uri::from_static("/"));
     }
     parts.version = http::Version::HTTP_11;
-    let up_req = Request::from_parts(parts, body);
-    match backend.upstream.send(up_req).await {
-        Ok((resp, checkin)) => {
-            let (mut parts, body) = resp.into_parts();
-            headers::rewrite_response(&mut parts.headers, backend.spec.served_by.as_ref());
-            backend.metrics.requests.inc(parts.status);
-            Response::from_parts(parts, Body::upstream(body, checkin, lease))
-        }
-        Err(e) => {
-            tracing::warn!(backend = %backend.spec.name, error = %e, "forwarding failed");
-            let resp = local(
-                StatusCode::BAD_GATEWAY,
-                e.code(),
-                "The back end could not answer.\n",
-            );
-            backend.metrics.requests.inc(resp.status());
-            resp
+    let mut req = Request::from_parts(parts, body);
+    let pool = Arc::clone(lease.pool());
+    let mut tries_left = pool.retries();
+    loop {
+        let backend = lease.backend();
+        match backend.upstream.send(req).await {
+            Ok((resp, checkin)) => {
+                pool.passive_result(backend, !resp.status().is_server_error());
+                let (mut parts, body) = resp.into_parts();
+                headers::rewrite_response(&mut parts.headers, backend.spec.served_by.as_ref());
+                backend.metrics.requests.inc(parts.status);
+                return Response::from_parts(parts, Body::upstream(body, checkin, lease));
+            }
+            Err(Failed { error, retry }) => {
+                pool.passive_result(backend, false);
+                let code = error.code();
+                let retry = retry.filter(|_| tries_left > 0);
+                tracing::warn!(pool = %pool.name(), backend = %backend.spec.name, error = %error,
+                    retrying = retry.is_some(), "forwarding failed");
+                let Some(again) = retry else {
+                    let resp = local(
+                        StatusCode::BAD_GATEWAY,
+                        code,
+                        "The back end could not answer.\n",
+                    );
+                    backend.metrics.requests.inc(resp.status());
+                    return resp;
+                };
+                tries_left -= 1;
+                let reason = usize::from(matches!(error, UpstreamError::AfterSend { .. }));
+                pool.metrics.retries[reason].inc();
+                let failed = lease.backend_arc();
+                drop(lease);
+                match pool.acquire_retry(class, &failed).await {
+                    Ok(next) => {
+                        lease = next;
+                        req = again;
+                    }
+                    Err(shed) => {
+                        let resp = local(
+                            StatusCode::BAD_GATEWAY,
+                            code,
+                            "The back end could not answer.\n",
+                        );
+                        tracing::warn!(pool = %pool.name(), reason = shed.reason(), "no back end for the retry");
+                        failed.metrics.requests.inc(resp.status());
+                        return resp;
+                    }
+                }
+            }
         }
     }
 }

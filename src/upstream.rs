@@ -87,22 +87,27 @@ fn replayable(req: &Request<Body>) -> Option<Request<Body>> {
     Some(copy)
 }
 
+/// A request that could not be forwarded.
+#[derive(Debug)]
+pub struct Failed {
+    pub error: UpstreamError,
+    /// The request to try on another back end, when that is safe: it was never sent
+    /// (connect failure), or it is idempotent without a body (a copy).
+    pub retry: Option<Request<Body>>,
+}
+
 /// The connection pool of one back-end address.
 #[derive(Debug)]
 pub struct Upstream {
     addr: SocketAddr,
     idle: Mutex<Vec<SendRequest<Body>>>,
-    /// Measurement only: hyper-util's pooled client, to compare with our own pool
-    /// (`cargo build --release --features bench-legacy-client`; see BENCHMARKS.md).
-    #[cfg(feature = "bench-legacy-client")]
-    legacy: legacy::Client,
 }
 
 /// A connection lent to one request; see [`Checkin::reuse`].
 #[derive(Debug)]
 pub struct Checkin {
     upstream: Arc<Upstream>,
-    /// `None` with the `bench-legacy-client` feature (hyper-util pools by itself).
+    /// Always `Some` until taken by `reuse`.
     sender: Option<SendRequest<Body>>,
 }
 
@@ -126,8 +131,6 @@ impl Upstream {
         Arc::new(Upstream {
             addr,
             idle: Mutex::new(Vec::new()),
-            #[cfg(feature = "bench-legacy-client")]
-            legacy: legacy::client(),
         })
     }
 
@@ -145,23 +148,11 @@ impl Upstream {
     /// response head with the connection to check in when its body is done.
     pub async fn send(
         self: &Arc<Self>,
-        req: Request<Body>,
-    ) -> Result<(Response<Incoming>, Checkin), UpstreamError> {
-        #[cfg(feature = "bench-legacy-client")]
-        let sent = legacy::send(self, req).await;
-        #[cfg(not(feature = "bench-legacy-client"))]
-        let sent = self.send_pooled(req).await;
-        sent
-    }
-
-    #[cfg_attr(feature = "bench-legacy-client", allow(dead_code))]
-    async fn send_pooled(
-        self: &Arc<Self>,
         mut req: Request<Body>,
-    ) -> Result<(Response<Incoming>, Checkin), UpstreamError> {
-        // A copy to resend if a reused connection dies before answering: only for
-        // requests that are safe to send twice (idempotent, no body).
-        let mut resend = replayable(&req);
+    ) -> Result<(Response<Incoming>, Checkin), Failed> {
+        // A copy to resend if a connection dies before answering: only for requests
+        // that are safe to send twice (idempotent, no body).
+        let template = replayable(&req);
         // Reuse idle connections, most recent first. A closed one is dropped; one the
         // back end closed under us hands the request back unsent, and we go on.
         loop {
@@ -182,16 +173,19 @@ impl Upstream {
                         // The back end closed a kept-alive connection as we reused it
                         // (its keep-alive timeout): no response byte came back. Safe
                         // requests go once more, on a fresh connection; others fail.
-                        match resend.take() {
+                        match template.as_ref().and_then(replayable) {
                             Some(copy) if source.is_incomplete_message() => {
                                 tracing::debug!(addr = %self.addr, "stale keep-alive connection; resending on a fresh one");
                                 req = copy;
                                 break;
                             }
                             _ => {
-                                return Err(UpstreamError::AfterSend {
-                                    addr: self.addr,
-                                    source,
+                                return Err(Failed {
+                                    error: UpstreamError::AfterSend {
+                                        addr: self.addr,
+                                        source,
+                                    },
+                                    retry: template,
                                 })
                             }
                         }
@@ -199,13 +193,28 @@ impl Upstream {
                 },
             }
         }
-        let mut sender = self.connect().await?;
+        let mut sender = match self.connect().await {
+            Ok(s) => s,
+            // Nothing was sent: the request itself may go elsewhere.
+            Err(error) => {
+                return Err(Failed {
+                    error,
+                    retry: Some(req),
+                })
+            }
+        };
         match sender.try_send_request(req).await {
             Ok(resp) => Ok((resp, self.checkin(sender))),
-            Err(e) => Err(UpstreamError::AfterSend {
-                addr: self.addr,
-                source: e.into_error(),
-            }),
+            Err(mut e) => {
+                let unsent = e.take_message();
+                Err(Failed {
+                    error: UpstreamError::AfterSend {
+                        addr: self.addr,
+                        source: e.into_error(),
+                    },
+                    retry: unsent.or(template),
+                })
+            }
         }
     }
 
@@ -240,51 +249,5 @@ impl Upstream {
             }
         });
         Ok(sender)
-    }
-}
-
-/// hyper-util's legacy pooled client, compiled only for the comparison benchmark.
-#[cfg(feature = "bench-legacy-client")]
-mod legacy {
-    use super::*;
-    use hyper_util::client::legacy::connect::HttpConnector;
-    use hyper_util::rt::TokioExecutor;
-
-    pub type Client = hyper_util::client::legacy::Client<HttpConnector, Body>;
-
-    pub fn client() -> Client {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
-        hyper_util::client::legacy::Client::builder(TokioExecutor::new())
-            .pool_max_idle_per_host(MAX_IDLE_PER_BACKEND)
-            .build(connector)
-    }
-
-    pub async fn send(
-        up: &Arc<Upstream>,
-        mut req: Request<Body>,
-    ) -> Result<(Response<Incoming>, Checkin), UpstreamError> {
-        let pq = req.uri().path_and_query().map_or("/", |p| p.as_str());
-        let uri = format!("http://{}{}", up.addr, pq);
-        *req.uri_mut() = uri.parse().map_err(|_| UpstreamError::ConnectTimeout {
-            addr: up.addr,
-            timeout: CONNECT_TIMEOUT,
-        })?;
-        let resp = up
-            .legacy
-            .request(req)
-            .await
-            .map_err(|e| UpstreamError::Connect {
-                addr: up.addr,
-                source: std::io::Error::other(e),
-            })?;
-        Ok((
-            resp,
-            Checkin {
-                upstream: Arc::clone(up),
-                sender: None,
-            },
-        ))
     }
 }

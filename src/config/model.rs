@@ -130,6 +130,18 @@ pub struct PoolConfig {
     /// `[pools.NAME.health_check]`: active health checks. Default: absent (back ends
     /// are up unless passive checks say otherwise).
     pub health_check: Option<HealthCheckConfig>,
+    /// `retries`: how many times a failed request may be tried on another back end
+    /// (only when that is safe: see README). Default `1`.
+    pub retries: Option<i64>,
+    /// `passive_failures`: consecutive connect failures or 5xx answers that take a
+    /// back end out for `passive_cooldown`. Default `0` (off).
+    pub passive_failures: Option<i64>,
+    /// `passive_cooldown`: how long a back end taken out by passive checks stays out
+    /// before it is tried again (humantime). Default `"10s"`.
+    pub passive_cooldown: Option<String>,
+    /// `slow_start`: a back end that comes up ramps from weight ~0 to its full weight
+    /// over this long (humantime). Default `"0s"` (off).
+    pub slow_start: Option<String>,
 }
 
 /// One entry of a pool's `backends`.
@@ -168,6 +180,10 @@ pub struct HealthCheckConfig {
     pub rise: Option<i64>,
     /// `fall`: consecutive failures that mark a back end down, at least 1. Default `3`.
     pub fall: Option<i64>,
+    /// `expect_status`: status codes that count as healthy. Default: any 2xx or 3xx.
+    pub expect_status: Option<Vec<i64>>,
+    /// `host`: `Host` header of the check. Default: the back end's address.
+    pub host: Option<String>,
 }
 
 /// `[maintenance]`: the page shed requests get.

@@ -127,6 +127,14 @@ pub struct PoolSpec {
     /// In config order; names unique within the pool. May be empty only if `maintenance`.
     pub backends: Vec<BackendSpec>,
     pub health_check: Option<HealthCheckSpec>,
+    /// Tries on another back end after a safe-to-retry failure (default 1).
+    pub retries: u32,
+    /// Consecutive connect failures / 5xx that take a back end out; 0 = off (default).
+    pub passive_failures: u32,
+    /// How long passive checks keep a back end out (default 10s).
+    pub passive_cooldown: Duration,
+    /// Ramp from ~0 to full weight after coming up; zero = off (default).
+    pub slow_start: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -153,6 +161,10 @@ pub struct HealthCheckSpec {
     pub timeout: Duration,
     pub rise: u32,
     pub fall: u32,
+    /// Healthy status codes; empty = any 2xx or 3xx (default).
+    pub expect_status: Vec<u16>,
+    /// `Host` of the check request; `None` = the back end's address.
+    pub host: Option<String>,
 }
 
 #[derive(Debug, Clone)]

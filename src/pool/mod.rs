@@ -43,6 +43,7 @@ use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use crate::config::{BackendSpec, Class, PoolSpec};
+use crate::health::Health;
 use crate::metrics::{BackendMetrics, Metrics, PoolMetrics};
 use crate::upstream::Upstream;
 use estimate::ServiceTime;
@@ -90,11 +91,22 @@ impl Shed {
     }
 }
 
-/// A back end's load, shared by every generation of the back end across reloads.
-#[derive(Debug, Default)]
+/// A back end's load and health, shared by every generation of the back end across
+/// reloads.
+#[derive(Debug)]
 pub struct Load {
     /// Changed only under the pool lock; read anywhere.
     in_flight: AtomicU32,
+    pub health: Health,
+}
+
+impl Load {
+    fn new(up: bool) -> Self {
+        Load {
+            in_flight: AtomicU32::new(0),
+            health: Health::new(up),
+        }
+    }
 }
 
 /// One back end of a pool, as configured by one snapshot.
@@ -125,6 +137,16 @@ impl Backend {
             .max_connections
             .is_some_and(|max| self.in_flight() >= max)
     }
+
+    /// Its health (shared across reloads).
+    pub fn health(&self) -> &Health {
+        &self.load.health
+    }
+
+    /// Weight > 0 and healthy.
+    fn serving(&self, now: Instant) -> bool {
+        self.spec.weight > 0 && self.load.health.available(now)
+    }
 }
 
 type Reply = oneshot::Sender<Result<Lease, Shed>>;
@@ -139,12 +161,11 @@ struct Waiter {
 struct State {
     queue_depth: usize,
     queue_timeout: std::time::Duration,
+    slow_start: std::time::Duration,
+    passive_failures: u32,
+    passive_cooldown: std::time::Duration,
     backends: Vec<Arc<Backend>>,
     swrr: SmoothWrr,
-    /// Some primary has weight > 0 (else the backups serve).
-    any_primary: bool,
-    /// Σ max_connections of the serving back ends (`None`: some are unlimited).
-    capacity: Option<u64>,
     writes: VecDeque<Waiter>,
     reads: VecDeque<Waiter>,
     next_id: u64,
@@ -163,20 +184,26 @@ impl State {
         }
     }
 
-    fn serving(&self, b: &Backend) -> bool {
-        b.spec.weight > 0 && b.spec.backup != self.any_primary
-    }
-
     fn set_backends(&mut self, backends: Vec<Arc<Backend>>, current: Vec<i64>) {
-        self.any_primary = backends.iter().any(|b| !b.spec.backup && b.spec.weight > 0);
         self.backends = backends;
         self.swrr = SmoothWrr::with_current(current);
-        self.capacity = self
-            .backends
+    }
+
+    /// Whether some primary can take requests now (else the backups serve).
+    fn any_primary(&self, now: Instant) -> bool {
+        self.backends
             .iter()
-            .filter(|b| self.serving(b))
+            .any(|b| !b.spec.backup && b.serving(now))
+    }
+
+    /// Σ max_connections of the back ends that serve now (`None`: some unlimited).
+    fn capacity(&self, now: Instant) -> Option<u64> {
+        let primary = self.any_primary(now);
+        self.backends
+            .iter()
+            .filter(|b| b.spec.backup != primary && b.serving(now))
             .map(|b| b.spec.max_connections.map(u64::from))
-            .sum();
+            .sum()
     }
 }
 
@@ -205,6 +232,20 @@ pub struct Pool {
     pub metrics: PoolMetrics,
     maintenance: Maintenance,
     state: Mutex<State>,
+    /// Active health-check settings and tasks of the current config.
+    checks: Mutex<(
+        Option<crate::config::HealthCheckSpec>,
+        Vec<tokio::task::JoinHandle<()>>,
+    )>,
+    retries: std::sync::atomic::AtomicU32,
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        for t in self.checks.get_mut().1.drain(..) {
+            t.abort();
+        }
+    }
 }
 
 impl std::fmt::Debug for Pool {
@@ -228,18 +269,82 @@ impl Pool {
             state: Mutex::new(State {
                 queue_depth: 0,
                 queue_timeout: std::time::Duration::ZERO,
+                slow_start: std::time::Duration::ZERO,
+                passive_failures: 0,
+                passive_cooldown: std::time::Duration::ZERO,
                 backends: Vec::new(),
                 swrr: SmoothWrr::new(0),
-                any_primary: false,
-                capacity: Some(0),
                 writes: VecDeque::new(),
                 reads: VecDeque::new(),
                 next_id: 0,
                 service: ServiceTime::default(),
             }),
+            checks: Mutex::new((None, Vec::new())),
+            retries: std::sync::atomic::AtomicU32::new(0),
         };
         pool.configure(spec, metrics, upstream);
         pool
+    }
+
+    /// (Re)starts the active health checks of the current config (a no-op outside a
+    /// tokio runtime). Called after `new`/`reconfigure`.
+    pub fn start_checks(self: &Arc<Self>) {
+        let backends = self.backends();
+        let mut checks = self.checks.lock();
+        for t in checks.1.drain(..) {
+            t.abort();
+        }
+        if let (Some(spec), Ok(_)) = (&checks.0, tokio::runtime::Handle::try_current()) {
+            checks.1 = crate::health::check::spawn(self, &backends, spec);
+        }
+    }
+
+    /// Records an active check of `backend`; logs and counts transitions, and serves
+    /// waiters when a back end comes up.
+    pub fn check_result(
+        self: &Arc<Self>,
+        backend: &Backend,
+        ok: bool,
+        spec: &crate::config::HealthCheckSpec,
+    ) {
+        backend.metrics.checks[usize::from(!ok)].inc();
+        let now = Instant::now();
+        let Some(up) = backend
+            .load
+            .health
+            .check_result(ok, spec.rise, spec.fall, now)
+        else {
+            return;
+        };
+        backend.metrics.up.set(i64::from(up));
+        if up {
+            tracing::info!(pool = %self.name, backend = %backend.spec.name, "back end up (health check)");
+            let mut st = self.state.lock();
+            self.dispatch(&mut st);
+        } else {
+            tracing::warn!(pool = %self.name, backend = %backend.spec.name, "back end down (health check)");
+        }
+    }
+
+    /// Records the outcome of a real request to `backend` (passive checks).
+    pub fn passive_result(&self, backend: &Backend, ok: bool) {
+        let (threshold, cooldown) = {
+            let st = self.state.lock();
+            (st.passive_failures, st.passive_cooldown)
+        };
+        if backend
+            .load
+            .health
+            .passive_result(ok, threshold, cooldown, Instant::now())
+        {
+            tracing::warn!(pool = %self.name, backend = %backend.spec.name, cooldown = ?cooldown,
+                "back end taken out after {threshold} consecutive failures");
+        }
+    }
+
+    /// How many times a failed request may be tried on another back end.
+    pub fn retries(&self) -> u32 {
+        self.retries.load(Ordering::Relaxed)
     }
 
     /// Applies a new snapshot's settings for this pool (same name), keeping the queue,
@@ -252,6 +357,7 @@ impl Pool {
         upstream: impl FnMut(std::net::SocketAddr) -> Arc<Upstream>,
     ) {
         self.configure(spec, metrics, upstream);
+        self.start_checks();
         let mut st = self.state.lock();
         if st.backends.iter().all(|b| b.spec.weight == 0) {
             let waiters = take_waiters(&mut st);
@@ -272,18 +378,32 @@ impl Pool {
         mut upstream: impl FnMut(std::net::SocketAddr) -> Arc<Upstream>,
     ) {
         let mut st = self.state.lock();
+        let checked = spec.health_check.is_some();
+        let now = Instant::now();
         let mut backends = Vec::with_capacity(spec.backends.len());
         let mut current = Vec::with_capacity(spec.backends.len());
         for b in &spec.backends {
             let old = st.backends.iter().position(|o| o.spec.name == b.name);
-            let load = old.map_or_else(Arc::default, |i| Arc::clone(&st.backends[i].load));
+            let load = match old {
+                Some(i) => Arc::clone(&st.backends[i].load),
+                // With active checks a new back end waits for its first success.
+                None => Arc::new(Load::new(!checked)),
+            };
+            if !checked {
+                load.health.set_up(true, now);
+            }
             current.push(old.map_or(0, |i| st.swrr.current(i)));
-            backends.push(Arc::new(Backend {
+            let backend = Backend {
                 metrics: metrics.backend(&spec.name, &b.name, b.weight),
                 upstream: upstream(b.address),
                 spec: b.clone(),
                 load,
-            }));
+            };
+            backend
+                .metrics
+                .up
+                .set(i64::from(backend.load.health.available(now)));
+            backends.push(Arc::new(backend));
         }
         for gone in st
             .backends
@@ -295,6 +415,11 @@ impl Pool {
         st.set_backends(backends, current);
         st.queue_depth = spec.queue_depth;
         st.queue_timeout = spec.queue_timeout;
+        st.slow_start = spec.slow_start;
+        st.passive_failures = spec.passive_failures;
+        st.passive_cooldown = spec.passive_cooldown;
+        self.retries.store(spec.retries, Ordering::Relaxed);
+        self.checks.lock().0 = spec.health_check.clone();
         self.maintenance
             .config
             .store(spec.maintenance, Ordering::Relaxed);
@@ -351,17 +476,18 @@ impl Pool {
         let arrived = Instant::now();
         let (id, deadline, mut rx) = {
             let mut st = self.state.lock();
-            if let Some(lease) = self.try_lease(&mut st) {
+            if let Some(lease) = self.try_lease(&mut st, None) {
                 return Ok(lease);
             }
-            if !st.backends.iter().any(|b| b.spec.weight > 0) {
+            let now = Instant::now();
+            if !st.backends.iter().any(|b| b.serving(now)) {
                 return Err(Shed::NoBackend);
             }
             let position = match class {
                 Class::Write => st.writes.len() + 1,
                 Class::Read => st.depth() + 1,
             };
-            if let (Some(service), Some(capacity)) = (st.service.get(), st.capacity) {
+            if let (Some(service), Some(capacity)) = (st.service.get(), st.capacity(now)) {
                 let predicted = service.mul_f64(position as f64 / capacity.max(1) as f64);
                 if predicted > st.queue_timeout {
                     return Err(Shed::PredictedWait);
@@ -445,22 +571,28 @@ impl Pool {
         true
     }
 
-    /// Picks a back end with free capacity and takes one unit of it.
-    fn try_lease(self: &Arc<Self>, st: &mut MutexGuard<'_, State>) -> Option<Lease> {
-        let State {
-            swrr,
-            backends,
-            any_primary,
-            ..
-        } = &mut **st;
-        let index = swrr.pick(|i| {
-            let b = &backends[i];
-            if b.spec.backup == *any_primary || b.full() {
+    /// Picks a back end with free capacity and takes one unit of it, preferring any
+    /// back end but `avoid` (a retry goes elsewhere when it can).
+    fn try_lease(
+        self: &Arc<Self>,
+        st: &mut MutexGuard<'_, State>,
+        avoid: Option<&Backend>,
+    ) -> Option<Lease> {
+        let now = Instant::now();
+        let any_primary = st.any_primary(now);
+        let slow_start = st.slow_start;
+        let State { swrr, backends, .. } = &mut **st;
+        let weight = |b: &Backend, avoid: Option<&Backend>| {
+            let avoided = avoid.is_some_and(|a| std::ptr::eq(a.load.as_ref(), b.load.as_ref()));
+            if b.spec.backup == any_primary || avoided || b.full() || !b.serving(now) {
                 0
             } else {
-                b.spec.weight
+                b.load
+                    .health
+                    .effective_weight(b.spec.weight, slow_start, now)
             }
-        })?;
+        };
+        let index = swrr.pick(|i| weight(&backends[i], avoid))?;
         let b = &backends[index];
         b.load.in_flight.fetch_add(1, Ordering::Relaxed);
         b.metrics.in_flight.inc();
@@ -470,6 +602,25 @@ impl Pool {
             started: Instant::now(),
             armed: true,
         })
+    }
+
+    /// For a retry: a back end other than `failed` if one has room now, else the
+    /// queue like any request (so retries respect `max_connections` and the queue).
+    pub async fn acquire_retry(
+        self: &Arc<Self>,
+        class: Class,
+        failed: &Backend,
+    ) -> Result<Lease, Shed> {
+        if self.in_maintenance() {
+            return Err(Shed::Manual);
+        }
+        {
+            let mut st = self.state.lock();
+            if let Some(lease) = self.try_lease(&mut st, Some(failed)) {
+                return Ok(lease);
+            }
+        }
+        self.acquire(class).await
     }
 
     /// Gives one unit of `backend` back and hands free capacity to waiters.
@@ -486,7 +637,7 @@ impl Pool {
     /// Serves waiters, writes first, while a back end has free capacity.
     fn dispatch(self: &Arc<Self>, st: &mut MutexGuard<'_, State>) {
         while st.depth() > 0 {
-            let Some(lease) = self.try_lease(st) else {
+            let Some(lease) = self.try_lease(st, None) else {
                 break;
             };
             let waiter = match st.writes.pop_front() {
@@ -562,6 +713,11 @@ impl Lease {
     /// The back end this lease is on.
     pub fn backend(&self) -> &Backend {
         &self.backend
+    }
+
+    /// The back end, shared.
+    pub fn backend_arc(&self) -> Arc<Backend> {
+        Arc::clone(&self.backend)
     }
 
     /// The pool it belongs to.

@@ -25,6 +25,10 @@ fn pool_with(backends: Vec<BackendSpec>, depth: usize, timeout_ms: u64) -> Arc<P
         maintenance: false,
         backends,
         health_check: None,
+        retries: 1,
+        passive_failures: 0,
+        passive_cooldown: Duration::from_secs(10),
+        slow_start: Duration::ZERO,
     };
     let m = Metrics::new(prometheus::Registry::new()).expect("metrics");
     Arc::new(Pool::new(spec, &m, Upstream::new))
@@ -355,6 +359,10 @@ fn spec(backends: Vec<BackendSpec>, depth: usize) -> PoolSpec {
         maintenance: false,
         backends,
         health_check: None,
+        retries: 1,
+        passive_failures: 0,
+        passive_cooldown: Duration::from_secs(10),
+        slow_start: Duration::ZERO,
     }
 }
 

@@ -17,6 +17,8 @@ const MAX_WEIGHT: i64 = 1_000_000;
 const CHECK_INTERVAL: Duration = Duration::from_secs(2);
 const CHECK_TIMEOUT: Duration = Duration::from_secs(1);
 const RISE: u32 = 2;
+const RETRIES: u32 = 1;
+const PASSIVE_COOLDOWN: Duration = Duration::from_secs(10);
 const FALL: u32 = 3;
 /// Stands in for an invalid back-end address while checking goes on.
 const NO_ADDR: SocketAddr = SocketAddr::new(std::net::IpAddr::V6(Ipv6Addr::UNSPECIFIED), 0);
@@ -77,6 +79,36 @@ pub(super) fn pool_spec(
     let health_check = raw
         .health_check
         .map(|raw| health_check(e, &format!("{at}.health_check"), raw));
+    let retries = match raw.retries {
+        Some(n) => fields::int_in(e, &format!("{at}.retries"), n, 0, 10, None).unwrap_or(RETRIES),
+        None => RETRIES,
+    };
+    let passive_failures = match raw.passive_failures {
+        Some(n) => fields::int_in(
+            e,
+            &format!("{at}.passive_failures"),
+            n,
+            0,
+            1000,
+            Some("0 turns passive checks off"),
+        )
+        .unwrap_or(0),
+        None => 0,
+    };
+    let passive_cooldown = fields::duration(
+        e,
+        &format!("{at}.passive_cooldown"),
+        raw.passive_cooldown.as_deref(),
+        PASSIVE_COOLDOWN,
+        Zero::Forbidden,
+    );
+    let slow_start = fields::duration(
+        e,
+        &format!("{at}.slow_start"),
+        raw.slow_start.as_deref(),
+        Duration::ZERO,
+        Zero::Allowed,
+    );
     PoolSpec {
         name,
         queue_depth: queue_depth.unwrap_or(QUEUE_DEPTH),
@@ -84,6 +116,10 @@ pub(super) fn pool_spec(
         maintenance,
         backends,
         health_check,
+        retries,
+        passive_failures,
+        passive_cooldown,
+        slow_start,
     }
 }
 
@@ -208,12 +244,33 @@ fn health_check(e: &mut Errors, at: &str, raw: HealthCheckConfig) -> HealthCheck
     };
     let rise = count("rise", raw.rise, RISE);
     let fall = count("fall", raw.fall, FALL);
+    let expect_status = raw
+        .expect_status
+        .unwrap_or_default()
+        .into_iter()
+        .enumerate()
+        .filter_map(|(i, code)| {
+            fields::int_in(e, &format!("{at}.expect_status[{i}]"), code, 100, 599, None)
+        })
+        .collect();
+    let host = raw.host.filter(|h| {
+        let ok = !h.is_empty() && http::HeaderValue::from_str(h).is_ok();
+        if !ok {
+            e.push(
+                ConfigError::new(format!("{at}.host"), format!("{h:?} is not a valid Host"))
+                    .with_hint("e.g. host = \"blog.example.org\""),
+            );
+        }
+        ok
+    });
     HealthCheckSpec {
         path,
         interval,
         timeout,
         rise,
         fall,
+        expect_status,
+        host,
     }
 }
 
