@@ -1,9 +1,10 @@
 //! The admin listener: `GET /metrics` (Prometheus text format 0.0.4),
+//! `GET /api/status` (JSON: pools, back ends, states),
 //! `POST /api/reload` (answers `ok`, or 422 with every validation error) and
 //! `POST /api/pools/{pool}/maintenance` with the body `on` or `off`.
 //!
 //! Served only on the `[admin] listen` addresses (loopback by default), never on a
-//! public listener. Later issues add `/status` and `/api/status`. The maintenance
+//! public listener. The observability issue adds the `/status` page. The maintenance
 //! switch outlives reloads until it is switched again.
 
 use std::convert::Infallible;
@@ -38,6 +39,19 @@ pub async fn handle(server: &Arc<Server>, req: Request<Incoming>) -> Response<Bo
                 HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
             );
             resp
+        }
+        (&Method::GET, ["api", "status"]) => {
+            match serde_json::to_vec_pretty(&crate::status::status(proxy)) {
+                Ok(json) => {
+                    let mut resp = Response::new(Body::full(json));
+                    resp.headers_mut().insert(
+                        header::CONTENT_TYPE,
+                        HeaderValue::from_static("application/json"),
+                    );
+                    resp
+                }
+                Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
+            }
         }
         (&Method::POST, ["api", "reload"]) => {
             let Some(path) = proxy.live().snapshot.source.clone() else {

@@ -19,6 +19,7 @@ pub mod proxy;
 pub mod reload;
 pub mod route;
 pub mod server;
+pub mod status;
 pub mod tls;
 pub mod upgrade;
 pub mod upstream;
