@@ -200,16 +200,28 @@ where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let fwd = Arc::new(fwd);
+    let first = Arc::new(tokio::sync::Notify::new());
+    let seen = Arc::clone(&first);
     let svc = service_fn(move |req| {
+        seen.notify_one();
         let proxy = Arc::clone(&proxy);
         let fwd = Arc::clone(&fwd);
         async move { Ok::<_, Infallible>(proxy.handle(req, &fwd).await) }
     });
-    let conn = http1::Builder::new()
+    let mut conn = http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(header_timeout)
         .keep_alive(true)
         .serve_connection(io, svc);
+    // Until its first request arrives, a fresh connection holds the watcher (so a
+    // shutdown waits for it) but is not told to shut down: hyper would close it
+    // unread, and the client's request may already be in the socket buffer (a
+    // connection accepted just before SIGTERM or an upgrade). Bounded by the head
+    // deadline.
+    tokio::select! {
+        r = &mut conn => return Ok(r?),
+        _ = first.notified() => {}
+    }
     Ok(watcher.watch(conn).await?)
 }
 

@@ -170,6 +170,11 @@ async fn serve_with(
         Some((sockets, conn)) => (sockets, Some(conn)),
         None => (Default::default(), None),
     };
+    // Signal handlers before the first connection is accepted: a SIGHUP or SIGTERM
+    // arriving while starting must not kill the process with the default action.
+    let mut hup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
+    let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
     let server = Server::start_with(snapshot, prometheus::Registry::new(), inherited).await?;
     on_ready();
     // The upgrade socket: taken over from the old instance, or bound afresh. Without
@@ -200,9 +205,6 @@ async fn serve_with(
         None => tokio::spawn(std::future::pending()),
     };
     tokio::pin!(upgraded);
-    let mut hup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
-    let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
     if let Some(path) = &source {
         if let Err(e) = launchday::reload::watch(Arc::clone(&server), path.clone()) {
             tracing::warn!("{e}; reload with SIGHUP or POST /api/reload instead");

@@ -25,6 +25,9 @@ use crate::server::Server;
 
 /// Quiet time after the last file event before reloading.
 pub const DEBOUNCE: Duration = Duration::from_millis(200);
+/// Longest a reload waits for events to settle (a file rewritten continuously still
+/// reloads at least this often).
+pub const MAX_DELAY: Duration = Duration::from_secs(1);
 
 /// Errors of setting up the watcher.
 #[derive(Debug, thiserror::Error)]
@@ -68,9 +71,16 @@ pub fn watch(server: Arc<Server>, path: PathBuf) -> Result<(), WatchError> {
             if !relevant(&ev, &wanted) {
                 continue;
             }
-            // Debounce: wait until DEBOUNCE passes without another relevant event.
+            // Debounce: wait until DEBOUNCE passes without another event, at most
+            // MAX_DELAY in all.
+            let first = tokio::time::Instant::now();
             loop {
-                match tokio::time::timeout(DEBOUNCE, rx.recv()).await {
+                let left =
+                    (first + MAX_DELAY).saturating_duration_since(tokio::time::Instant::now());
+                if left.is_zero() {
+                    break;
+                }
+                match tokio::time::timeout(DEBOUNCE.min(left), rx.recv()).await {
                     Ok(Some(_)) => continue,
                     Ok(None) => return,
                     Err(_) => break,

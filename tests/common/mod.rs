@@ -779,3 +779,266 @@ impl Balancer {
             .await
     }
 }
+
+// ---------------------------------------------------------------------------------
+// Added for tests/reload.rs and tests/upgrade.rs: the real binary as a child process,
+// and a client that reports failures instead of panicking (for tests under load).
+// ---------------------------------------------------------------------------------
+
+/// A free port on `ip` ("127.0.0.1" or "[::1]"): bound, then released, for the real
+/// binary, whose config file needs fixed ports.
+pub fn free_addr(ip: &str) -> SocketAddr {
+    let l = std::net::TcpListener::bind(format!("{ip}:0")).expect("bind");
+    l.local_addr().expect("addr")
+}
+
+/// A `launchday` child process; killed if the test ends before it exited.
+pub struct Process {
+    pub child: std::process::Child,
+    /// Where its stderr goes.
+    pub log: std::path::PathBuf,
+}
+
+impl Process {
+    /// Starts `launchday ARGS...` with its stderr in `log` (keep `log` out of the
+    /// config file's directory: the file watcher sees that directory).
+    pub fn spawn(args: &[&std::ffi::OsStr], log: &Path) -> Process {
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_launchday"))
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(log).expect("log file"))
+            .spawn()
+            .expect("spawn launchday");
+        Process {
+            child,
+            log: log.to_path_buf(),
+        }
+    }
+
+    /// `launchday run -c CONFIG`.
+    pub fn run(config: &Path, log: &Path) -> Process {
+        Self::spawn(&["run".as_ref(), "-c".as_ref(), config.as_os_str()], log)
+    }
+
+    /// `launchday run -c CONFIG --upgrade`.
+    pub fn upgrade(config: &Path, log: &Path) -> Process {
+        Self::spawn(
+            &[
+                "run".as_ref(),
+                "-c".as_ref(),
+                config.as_os_str(),
+                "--upgrade".as_ref(),
+            ],
+            log,
+        )
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Everything it logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Sends `kill -SIG PID`.
+    pub fn signal(&self, sig: &str) {
+        let status = std::process::Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.pid().to_string())
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -{sig} {} failed", self.pid());
+    }
+
+    /// Its exit status, if it has exited.
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().expect("try_wait")
+    }
+
+    /// Waits up to `limit` for it to exit.
+    pub async fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let start = std::time::Instant::now();
+        for _ in 0..100_000 {
+            if let Some(status) = self.exited() {
+                return Some(status);
+            }
+            if start.elapsed() >= limit {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        None
+    }
+
+    /// Waits (bounded by [`STEP`]) until its admin listener at `admin` answers
+    /// `/metrics`; fails the test, with the log, if it exits first.
+    pub async fn wait_ready(&mut self, admin: SocketAddr) {
+        let start = std::time::Instant::now();
+        for _ in 0..10_000 {
+            if let Some(status) = self.exited() {
+                panic!("launchday exited early ({status}):\n{}", self.log());
+            }
+            if let Ok(r) = try_get(admin, "/metrics").await {
+                if r.status == StatusCode::OK {
+                    return;
+                }
+            }
+            assert!(
+                start.elapsed() < STEP,
+                "{admin} not serving /metrics after {STEP:?}:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("gave up waiting for {admin}:\n{}", self.log());
+    }
+
+    /// Polls the metrics at `admin` until `series` satisfies `ok`; fails the test after
+    /// [`STEP`] with the last value seen and the log. Returns the value.
+    pub async fn wait_metric(
+        &mut self,
+        admin: SocketAddr,
+        series: &str,
+        ok: impl Fn(f64) -> bool,
+    ) -> f64 {
+        let start = std::time::Instant::now();
+        let mut last = None;
+        for _ in 0..10_000 {
+            if let Ok(r) = try_get(admin, "/metrics").await {
+                last = metric(&r.text(), series);
+                if let Some(v) = last.filter(|v| ok(*v)) {
+                    return v;
+                }
+            }
+            if let Some(status) = self.exited() {
+                panic!(
+                    "launchday exited ({status}); {series} was {last:?}:\n{}",
+                    self.log()
+                );
+            }
+            assert!(
+                start.elapsed() < STEP,
+                "timed out waiting on {series}; last {last:?}:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!(
+            "gave up waiting on {series}; last {last:?}:\n{}",
+            self.log()
+        );
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// The metrics at `admin` now (fresh connection); panics if they cannot be fetched.
+pub async fn metrics_at(admin: SocketAddr) -> String {
+    let r = try_get(admin, "/metrics")
+        .await
+        .unwrap_or_else(|e| panic!("GET {admin}/metrics: {e}"));
+    assert_eq!(r.status, StatusCode::OK);
+    r.text()
+}
+
+/// How one request of a [`TryClient`] went.
+#[derive(Debug)]
+pub enum Attempt {
+    /// Answered (any status).
+    Answered(Reply),
+    /// The connection was closed before the request was written: nothing was sent,
+    /// so a client may reconnect and send it again.
+    NotSent(String),
+    /// The request was sent and no complete answer came.
+    Failed(String),
+}
+
+/// A keep-alive HTTP/1.1 client connection that reports failures instead of
+/// panicking (every step bounded by [`STEP`]).
+pub struct TryClient {
+    addr: SocketAddr,
+    sender: client_http1::SendRequest<Full<Bytes>>,
+}
+
+impl TryClient {
+    pub async fn connect(addr: SocketAddr) -> Result<TryClient, String> {
+        let connect = async {
+            let stream = TcpStream::connect(addr)
+                .await
+                .map_err(|e| format!("connect {addr}: {e}"))?;
+            let _ = stream.set_nodelay(true);
+            let (sender, conn) = client_http1::handshake(TokioIo::new(stream))
+                .await
+                .map_err(|e| format!("handshake {addr}: {e}"))?;
+            tokio::spawn(async move {
+                let _ = conn.await;
+            });
+            Ok(TryClient { addr, sender })
+        };
+        tokio::time::timeout(STEP, connect)
+            .await
+            .unwrap_or_else(|_| Err(format!("connect {addr}: timed out")))
+    }
+
+    /// `GET path` with extra `headers` (and `Host: <addr>`).
+    pub async fn get_with(&mut self, path: &str, headers: &[(&str, &str)]) -> Attempt {
+        let mut req = request(Method::GET, path, headers, Bytes::new());
+        let host = HeaderValue::from_str(&self.addr.to_string()).expect("host");
+        req.headers_mut().insert(HOST, host);
+        let round_trip = async {
+            if let Err(e) = self.sender.ready().await {
+                return Attempt::NotSent(format!("connection closed: {e}"));
+            }
+            let resp = match self.sender.try_send_request(req).await {
+                Ok(r) => r,
+                Err(mut e) => {
+                    return match e.take_message() {
+                        Some(_) => Attempt::NotSent(format!("not sent: {}", e.error())),
+                        None => Attempt::Failed(format!("sent, no answer: {}", e.error())),
+                    }
+                }
+            };
+            let (parts, body) = resp.into_parts();
+            match body.collect().await {
+                Ok(b) => Attempt::Answered(Reply {
+                    status: parts.status,
+                    headers: parts.headers,
+                    body: b.to_bytes(),
+                }),
+                Err(e) => Attempt::Failed(format!("answer body: {e}")),
+            }
+        };
+        tokio::time::timeout(STEP, round_trip)
+            .await
+            .unwrap_or_else(|_| Attempt::Failed("no answer in time".into()))
+    }
+
+    /// `GET path`.
+    pub async fn get(&mut self, path: &str) -> Attempt {
+        self.get_with(path, &[]).await
+    }
+
+    /// Whether the connection is still open.
+    pub fn is_open(&self) -> bool {
+        !self.sender.is_closed()
+    }
+}
+
+/// One `GET path` on a fresh connection, failures reported as text.
+pub async fn try_get(addr: SocketAddr, path: &str) -> Result<Reply, String> {
+    let mut c = TryClient::connect(addr).await?;
+    match c.get(path).await {
+        Attempt::Answered(r) => Ok(r),
+        Attempt::NotSent(e) | Attempt::Failed(e) => Err(e),
+    }
+}
