@@ -8,7 +8,7 @@
 use serde::Serialize;
 use tokio::time::Instant;
 
-use crate::health::State;
+use crate::health::{State, WEIGHT_SCALE};
 use crate::proxy::Proxy;
 
 #[derive(Serialize)]
@@ -33,7 +33,8 @@ pub struct BackendStatus {
     pub name: String,
     pub address: String,
     pub weight: u32,
-    pub effective_weight: u32,
+    /// The weight selection uses now (lower while slow-starting; 0 when not serving).
+    pub effective_weight: f64,
     pub max_connections: Option<u32>,
     pub in_flight: u32,
     pub backup: bool,
@@ -65,23 +66,25 @@ pub fn status(proxy: &Proxy) -> Status {
                     .iter()
                     .map(|b| {
                         let health = b.health().state(now);
-                        let effective =
+                        let scaled =
                             b.health()
                                 .effective_weight(b.spec.weight, spec.slow_start, now);
+                        let ramping = scaled < b.spec.weight.saturating_mul(WEIGHT_SCALE);
+                        let effective = f64::from(scaled) / f64::from(WEIGHT_SCALE);
                         let state = match health {
                             State::Down => "down",
                             State::Benched => "benched",
                             State::Up if b.spec.weight == 0 => "drained",
                             State::Up if b.spec.backup && primary_up => "backup_idle",
                             State::Up if b.spec.backup => "backup_active",
-                            State::Up if effective < b.spec.weight => "slow_start",
+                            State::Up if ramping => "slow_start",
                             State::Up => "up",
                         };
                         BackendStatus {
                             name: b.spec.name.clone(),
                             address: b.spec.address.to_string(),
                             weight: b.spec.weight,
-                            effective_weight: if health == State::Up { effective } else { 0 },
+                            effective_weight: if health == State::Up { effective } else { 0.0 },
                             max_connections: b.spec.max_connections,
                             in_flight: b.in_flight(),
                             backup: b.spec.backup,

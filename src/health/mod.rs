@@ -197,22 +197,29 @@ impl Health {
         false
     }
 
-    /// The weight to use now: `weight` ramped over `slow_start` since coming up.
+    /// The selection weight now, in units of 1/[`WEIGHT_SCALE`]: `weight` ramped
+    /// linearly over `slow_start` since coming back up (at least one unit). Fixed
+    /// point so that even weight 1 ramps smoothly; scaling every weight by the same
+    /// factor leaves smooth round robin's order unchanged.
     pub fn effective_weight(&self, weight: u32, slow_start: Duration, now: Instant) -> u32 {
-        if slow_start.is_zero() || weight <= 1 {
-            return weight;
+        let full = weight.saturating_mul(WEIGHT_SCALE);
+        if slow_start.is_zero() || weight == 0 {
+            return full;
         }
         let Some(since) = self.counters.lock().up_since else {
-            return weight;
+            return full;
         };
         let elapsed = now.saturating_duration_since(since);
         if elapsed >= slow_start {
-            return weight;
+            return full;
         }
         let share = elapsed.as_secs_f64() / slow_start.as_secs_f64();
-        ((f64::from(weight) * share).ceil() as u32).clamp(1, weight)
+        ((f64::from(full) * share).ceil() as u32).clamp(1, full)
     }
 }
+
+/// Selection weights are in units of 1/1000 of a configured weight.
+pub const WEIGHT_SCALE: u32 = 1000;
 
 #[cfg(test)]
 mod tests {
@@ -280,17 +287,26 @@ mod tests {
         let h = Health::new(false);
         let t0 = Instant::now();
         let ramp = Duration::from_secs(30);
+        let k = WEIGHT_SCALE;
         assert_eq!(h.check_result(true, 1, 1, t0), Some(true));
-        assert_eq!(h.effective_weight(11, ramp, t0), 11, "first start: no ramp");
+        assert_eq!(
+            h.effective_weight(11, ramp, t0),
+            11 * k,
+            "first start: no ramp"
+        );
         assert_eq!(h.check_result(false, 1, 1, t0), Some(false));
         let t = at(t0, 1000);
         assert_eq!(h.check_result(true, 1, 1, t), Some(true));
         assert_eq!(h.effective_weight(11, ramp, t), 1);
-        assert_eq!(h.effective_weight(11, ramp, at(t, 15_000)), 6);
-        assert_eq!(h.effective_weight(10, ramp, at(t, 15_000)), 5);
-        assert_eq!(h.effective_weight(11, ramp, at(t, 30_000)), 11);
-        assert_eq!(h.effective_weight(11, Duration::ZERO, t), 11, "off");
+        assert_eq!(h.effective_weight(11, ramp, at(t, 15_000)), 11 * k / 2);
+        assert_eq!(
+            h.effective_weight(1, ramp, at(t, 3_000)),
+            k / 10,
+            "weight 1 ramps too"
+        );
+        assert_eq!(h.effective_weight(11, ramp, at(t, 30_000)), 11 * k);
+        assert_eq!(h.effective_weight(11, Duration::ZERO, t), 11 * k, "off");
         // A back end up since start is not ramped.
-        assert_eq!(Health::new(true).effective_weight(11, ramp, t), 11);
+        assert_eq!(Health::new(true).effective_weight(11, ramp, t), 11 * k);
     }
 }

@@ -579,7 +579,12 @@ impl Pool {
         avoid: Option<&Backend>,
     ) -> Option<Lease> {
         let now = Instant::now();
-        let any_primary = st.any_primary(now);
+        // A retry that avoids the only live primary may go to a backup.
+        let any_primary = st.backends.iter().any(|b| {
+            !b.spec.backup
+                && b.serving(now)
+                && !avoid.is_some_and(|a| std::ptr::eq(a.load.as_ref(), b.load.as_ref()))
+        });
         let slow_start = st.slow_start;
         let State { swrr, backends, .. } = &mut **st;
         let weight = |b: &Backend, avoid: Option<&Backend>| {

@@ -1042,3 +1042,383 @@ pub async fn try_get(addr: SocketAddr, path: &str) -> Result<Reply, String> {
         Attempt::NotSent(e) | Attempt::Failed(e) => Err(e),
     }
 }
+
+// ---------------------------------------------------------------------------------
+// Added for tests/health.rs: a back end that can be stopped and restarted on the
+// same address and whose answers can be changed, and a scripted back end that
+// writes fixed bytes (or nothing) after reading a request, then closes.
+// ---------------------------------------------------------------------------------
+
+struct ControlledState {
+    name: String,
+    /// Status of answers to anything but `/health`.
+    status: std::sync::atomic::AtomicU16,
+    /// Status of answers to `/health`.
+    health_status: std::sync::atomic::AtomicU16,
+    seen: Mutex<Vec<Seen>>,
+    accepted: AtomicU64,
+}
+
+/// The accept loop and the connection tasks of one run of a [`ControlledBackend`].
+#[derive(Default)]
+struct ControlledRun {
+    accept: Option<tokio::task::JoinHandle<()>>,
+    conns: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+}
+
+/// A recording back end on `[::1]` (HTTP/1.1, hyper) like [`Backend`]: it answers
+/// `GET /health` with its health status (200 unless changed) and everything else with
+/// its status (200 unless changed), the body `served by NAME\n` and `X-Backend: NAME`.
+/// [`ControlledBackend::stop`] closes its listener and every open connection (new
+/// connections are then refused); [`ControlledBackend::restart`] listens again on the
+/// same address. Requests are recorded across runs.
+pub struct ControlledBackend {
+    pub addr: SocketAddr,
+    state: Arc<ControlledState>,
+    run: Mutex<ControlledRun>,
+}
+
+impl ControlledBackend {
+    /// The path answered with the health status.
+    pub const HEALTH_PATH: &'static str = "/health";
+
+    /// A back end on `[::1]:0`.
+    pub async fn start(name: &str) -> ControlledBackend {
+        let listener = TcpListener::bind("[::1]:0").await.expect("bind back end");
+        let addr = listener.local_addr().expect("back end addr");
+        let b = ControlledBackend {
+            addr,
+            state: Arc::new(ControlledState {
+                name: name.to_owned(),
+                status: std::sync::atomic::AtomicU16::new(200),
+                health_status: std::sync::atomic::AtomicU16::new(200),
+                seen: Mutex::new(Vec::new()),
+                accepted: AtomicU64::new(0),
+            }),
+            run: Mutex::new(ControlledRun::default()),
+        };
+        b.serve(listener);
+        b
+    }
+
+    fn serve(&self, listener: TcpListener) {
+        let st = Arc::clone(&self.state);
+        let conns: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>> = Arc::default();
+        let tracked = Arc::clone(&conns);
+        let accept = tokio::spawn(async move {
+            loop {
+                let Ok((stream, peer)) = listener.accept().await else {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                    continue;
+                };
+                let conn = st.accepted.fetch_add(1, Ordering::SeqCst) + 1;
+                let st = Arc::clone(&st);
+                let svc = service_fn(move |req: Request<Incoming>| {
+                    let st = Arc::clone(&st);
+                    async move { Ok::<_, Infallible>(controlled_answer(&st, req, conn, peer).await) }
+                });
+                let task = tokio::spawn(async move {
+                    let _ = server_http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+                let mut all = tracked.lock().expect("lock");
+                all.retain(|t| !t.is_finished());
+                all.push(task);
+            }
+        });
+        let mut run = self.run.lock().expect("lock");
+        run.accept = Some(accept);
+        run.conns = conns;
+    }
+
+    /// Closes the listener and every open connection, and waits until they are closed.
+    pub async fn stop(&self) {
+        let (accept, conns) = {
+            let mut run = self.run.lock().expect("lock");
+            let accept = run.accept.take();
+            let conns: Vec<_> = run.conns.lock().expect("lock").drain(..).collect();
+            (accept, conns)
+        };
+        if let Some(accept) = accept {
+            accept.abort();
+            let _ = tokio::time::timeout(STEP, accept).await;
+        }
+        // The accept task is gone: nothing adds connections any more.
+        let late: Vec<_> = {
+            let run = self.run.lock().expect("lock");
+            let late = run.conns.lock().expect("lock").drain(..).collect();
+            late
+        };
+        for t in conns.into_iter().chain(late) {
+            t.abort();
+            let _ = tokio::time::timeout(STEP, t).await;
+        }
+    }
+
+    /// Listens again on the same address (after [`ControlledBackend::stop`]).
+    pub async fn restart(&self) {
+        let start = std::time::Instant::now();
+        let listener = loop {
+            let socket = tokio::net::TcpSocket::new_v6().expect("socket");
+            socket.set_reuseaddr(true).expect("SO_REUSEADDR");
+            match socket.bind(self.addr).and_then(|()| socket.listen(1024)) {
+                Ok(l) => break l,
+                Err(e) => {
+                    assert!(
+                        start.elapsed() < STEP,
+                        "cannot listen on {} again: {e}",
+                        self.addr
+                    );
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        };
+        self.serve(listener);
+    }
+
+    pub fn name(&self) -> &str {
+        &self.state.name
+    }
+
+    /// Answers everything but `/health` with `status` from now on.
+    pub fn set_status(&self, status: u16) {
+        self.state.status.store(status, Ordering::SeqCst);
+    }
+
+    /// Answers `/health` with `status` from now on.
+    pub fn set_health_status(&self, status: u16) {
+        self.state.health_status.store(status, Ordering::SeqCst);
+    }
+
+    /// Every request received so far (health checks included), in order.
+    pub fn requests(&self) -> Vec<Seen> {
+        self.state.seen.lock().expect("lock").clone()
+    }
+
+    /// The health-check requests (`/health`) received so far.
+    pub fn health_requests(&self) -> Vec<Seen> {
+        self.requests()
+            .into_iter()
+            .filter(|s| s.uri.path() == Self::HEALTH_PATH)
+            .collect()
+    }
+
+    /// Number of requests other than health checks received so far.
+    pub fn traffic(&self) -> usize {
+        self.state
+            .seen
+            .lock()
+            .expect("lock")
+            .iter()
+            .filter(|s| s.uri.path() != Self::HEALTH_PATH)
+            .count()
+    }
+
+    /// TCP connections accepted so far (all runs).
+    pub fn connections(&self) -> u64 {
+        self.state.accepted.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for ControlledBackend {
+    fn drop(&mut self) {
+        if let Ok(run) = self.run.get_mut() {
+            if let Some(a) = run.accept.take() {
+                a.abort();
+            }
+            if let Ok(mut conns) = run.conns.lock() {
+                for t in conns.drain(..) {
+                    t.abort();
+                }
+            }
+        }
+    }
+}
+
+async fn controlled_answer(
+    st: &ControlledState,
+    req: Request<Incoming>,
+    conn: u64,
+    peer: SocketAddr,
+) -> Response<Full<Bytes>> {
+    let (parts, body) = req.into_parts();
+    let body = match body.collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e) => {
+            let mut resp = Response::new(Full::new(Bytes::from(format!("body error: {e}\n"))));
+            *resp.status_mut() = StatusCode::BAD_REQUEST;
+            return resp;
+        }
+    };
+    let health = parts.uri.path() == ControlledBackend::HEALTH_PATH;
+    st.seen.lock().expect("lock").push(Seen {
+        method: parts.method,
+        uri: parts.uri,
+        headers: parts.headers,
+        body,
+        conn,
+        peer,
+    });
+    let status = if health {
+        st.health_status.load(Ordering::SeqCst)
+    } else {
+        st.status.load(Ordering::SeqCst)
+    };
+    let mut resp = Response::new(Full::new(Bytes::from(format!("served by {}\n", st.name))));
+    *resp.status_mut() = StatusCode::from_u16(status).expect("status");
+    resp.headers_mut()
+        .insert("x-backend", HeaderValue::from_str(&st.name).expect("name"));
+    resp
+}
+
+/// One request as a [`ScriptedBackend`] read it.
+#[derive(Debug, Clone)]
+pub struct RawSeen {
+    pub method: String,
+    pub target: String,
+    /// The whole head, as text.
+    pub head: String,
+    pub body: Bytes,
+}
+
+/// A back end on `[::1]` (tokio sockets) that, on every connection, reads one request
+/// (head, and a body framed by `Content-Length` or chunked), records it, writes
+/// `reply` verbatim (nothing at all when it is empty), waits `linger` and closes the
+/// connection. For answers hyper would not produce: no answer at all, a body cut short.
+pub struct ScriptedBackend {
+    pub addr: SocketAddr,
+    seen: Arc<Mutex<Vec<RawSeen>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl ScriptedBackend {
+    pub async fn start(reply: Vec<u8>, linger: Duration) -> ScriptedBackend {
+        let listener = TcpListener::bind("[::1]:0").await.expect("bind back end");
+        let addr = listener.local_addr().expect("back end addr");
+        let seen: Arc<Mutex<Vec<RawSeen>>> = Arc::default();
+        let recorded = Arc::clone(&seen);
+        let reply = Bytes::from(reply);
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                    continue;
+                };
+                let recorded = Arc::clone(&recorded);
+                let reply = reply.clone();
+                tokio::spawn(async move {
+                    let _ = tokio::time::timeout(
+                        STEP,
+                        scripted_exchange(stream, &recorded, &reply, linger),
+                    )
+                    .await;
+                });
+            }
+        });
+        ScriptedBackend { addr, seen, task }
+    }
+
+    /// A back end that reads each request and closes without answering.
+    pub async fn mute() -> ScriptedBackend {
+        Self::start(Vec::new(), Duration::ZERO).await
+    }
+
+    /// Every request read so far.
+    pub fn requests(&self) -> Vec<RawSeen> {
+        self.seen.lock().expect("lock").clone()
+    }
+
+    /// Number of requests read so far.
+    pub fn count(&self) -> usize {
+        self.seen.lock().expect("lock").len()
+    }
+}
+
+impl Drop for ScriptedBackend {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn scripted_exchange(
+    mut s: TcpStream,
+    recorded: &Mutex<Vec<RawSeen>>,
+    reply: &[u8],
+    linger: Duration,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    // The head.
+    let head_end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        match s.read(&mut chunk).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+        if buf.len() > 64 * 1024 {
+            return;
+        }
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+    let lower = head.to_ascii_lowercase();
+    let length = lower.lines().find_map(|l| {
+        l.strip_prefix("content-length:")
+            .and_then(|v| v.trim().parse::<usize>().ok())
+    });
+    let chunked = lower
+        .lines()
+        .any(|l| l.starts_with("transfer-encoding:") && l.contains("chunked"));
+    // The body: by length, or (roughly) up to the last chunk; then decoded for chunked.
+    let complete = |buf: &[u8]| match (length, chunked) {
+        (Some(n), _) => buf.len() >= head_end + n,
+        (None, true) => buf[head_end..].ends_with(b"0\r\n\r\n"),
+        (None, false) => true,
+    };
+    while !complete(&buf) {
+        match s.read(&mut chunk).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+    let raw_body = &buf[head_end..];
+    let body = if chunked {
+        let mut out = Vec::new();
+        let mut rest = raw_body;
+        while let Some(eol) = rest.windows(2).position(|w| w == b"\r\n") {
+            let size = usize::from_str_radix(
+                String::from_utf8_lossy(&rest[..eol])
+                    .split(';')
+                    .next()
+                    .unwrap_or("")
+                    .trim(),
+                16,
+            )
+            .unwrap_or(0);
+            if size == 0 || rest.len() < eol + 2 + size {
+                break;
+            }
+            out.extend_from_slice(&rest[eol + 2..eol + 2 + size]);
+            rest = &rest[(eol + 2 + size + 2).min(rest.len())..];
+        }
+        Bytes::from(out)
+    } else {
+        Bytes::copy_from_slice(&raw_body[..length.unwrap_or(0).min(raw_body.len())])
+    };
+    let mut words = head.split_whitespace();
+    recorded.lock().expect("lock").push(RawSeen {
+        method: words.next().unwrap_or("").to_owned(),
+        target: words.next().unwrap_or("").to_owned(),
+        head: head.clone(),
+        body,
+    });
+    if !reply.is_empty() {
+        let _ = s.write_all(reply).await;
+        let _ = s.flush().await;
+    }
+    tokio::time::sleep(linger).await;
+    let _ = s.shutdown().await;
+}
