@@ -1,10 +1,10 @@
 //! The admin listener: `GET /metrics` (Prometheus text format 0.0.4),
-//! `GET /api/status` (JSON: pools, back ends, states),
+//! `GET /status` (a page a person reads) and `GET /api/status` (the same as JSON),
 //! `POST /api/reload` (answers `ok`, or 422 with every validation error) and
 //! `POST /api/pools/{pool}/maintenance` with the body `on` or `off`.
 //!
 //! Served only on the `[admin] listen` addresses (loopback by default), never on a
-//! public listener. The observability issue adds the `/status` page. The maintenance
+//! public listener. The maintenance
 //! switch outlives reloads until it is switched again.
 
 use std::convert::Infallible;
@@ -37,6 +37,14 @@ pub async fn handle(server: &Arc<Server>, req: Request<Incoming>) -> Response<Bo
             resp.headers_mut().insert(
                 header::CONTENT_TYPE,
                 HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+            );
+            resp
+        }
+        (&Method::GET, ["status"]) => {
+            let mut resp = Response::new(Body::full(crate::status::page(proxy)));
+            resp.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/html; charset=utf-8"),
             );
             resp
         }

@@ -89,13 +89,10 @@ fn check(path: &Path) -> ExitCode {
     }
 }
 
+/// One multi-thread runtime with `threads` workers. A current-thread runtime measured
+/// no better with one worker (BENCHMARKS.md, "Runtime"), and this one also scales to
+/// more cores without a listener per core.
 fn runtime(threads: usize) -> anyhow::Result<tokio::runtime::Runtime> {
-    if std::env::var_os("LAUNCHDAY_EXPERIMENT_CURRENT_THREAD").is_some() {
-        return tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .context("starting the runtime");
-    }
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(threads.max(1))
         .enable_all()

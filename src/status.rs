@@ -108,3 +108,69 @@ pub fn status(proxy: &Proxy) -> Status {
         pools,
     }
 }
+
+/// `GET /status`: the same as [`status`], as a page a person reads at a glance
+/// (served from memory, no external assets, refreshes itself every 2 s).
+pub fn page(proxy: &Proxy) -> String {
+    let s = status(proxy);
+    let mut html = String::from(concat!(
+        "<!DOCTYPE html><html lang=en><head><meta charset=utf-8>",
+        "<meta http-equiv=refresh content=2><title>launchday status</title><style>",
+        "body{font-family:system-ui,sans-serif;margin:1.5rem;color:#222}",
+        "table{border-collapse:collapse;margin-bottom:1.5rem}",
+        "td,th{padding:.25rem .6rem;border-bottom:1px solid #ddd;text-align:left}",
+        ".bar{background:#e8e8e8;width:10rem;height:.8rem}.bar i{display:block;height:100%;background:#4a7}",
+        ".up{color:#175}.down,.benched{color:#b22}.slow_start,.backup_active{color:#a60}.drained,.backup_idle{color:#777}",
+        "</style></head><body><h1>launchday</h1>"
+    ));
+    html.push_str(&format!(
+        "<p>version {} &middot; config {}</p>",
+        s.version,
+        escape(s.config.as_deref().unwrap_or("built-in"))
+    ));
+    for p in &s.pools {
+        let total: f64 = p.backends.iter().map(|b| b.effective_weight).sum();
+        html.push_str(&format!(
+            "<h2>{}{}</h2><p>queue {} / {}{}</p><table><tr><th>back end</th><th>state</th><th>since</th>\
+             <th>weight</th><th>effective</th><th>share of new requests</th><th>in flight</th></tr>",
+            escape(&p.name),
+            if p.maintenance { " &mdash; in maintenance" } else { "" },
+            p.queue_depth,
+            p.queue_limit,
+            p.service_time_seconds
+                .map(|t| format!(" &middot; service time {:.0} ms", t * 1000.0))
+                .unwrap_or_default(),
+        ));
+        for b in &p.backends {
+            let share = if total > 0.0 {
+                b.effective_weight / total
+            } else {
+                0.0
+            };
+            html.push_str(&format!(
+                "<tr><td>{}</td><td class={}>{}</td><td>{:.0} s</td><td>{}</td><td>{:.2}</td>\
+                 <td><div class=bar><i style=\"width:{:.1}%\"></i></div> {:.1}%</td><td>{}{}</td></tr>",
+                escape(&b.name),
+                b.state,
+                b.state,
+                b.since_seconds,
+                b.weight,
+                b.effective_weight,
+                share * 100.0,
+                share * 100.0,
+                b.in_flight,
+                b.max_connections.map(|m| format!(" / {m}")).unwrap_or_default(),
+            ));
+        }
+        html.push_str("</table>");
+    }
+    html.push_str("</body></html>\n");
+    html
+}
+
+fn escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}

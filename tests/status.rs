@@ -1,0 +1,82 @@
+//! The admin status page and API: what an operator reads on launch day.
+
+mod common;
+
+use common::{config, fill, get, Backend, Balancer};
+use http::StatusCode;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_page_and_api_show_pools_back_ends_weights_and_states() {
+    let vm = Backend::start("vm").await;
+    let pi = Backend::start("pi").await;
+    let text = fill(
+        &config(
+            "",
+            r#"
+[[routes]]
+pool = "blog"
+
+[pools.blog]
+queue_depth = 16
+backends = [
+  { name = "blog-vm-1", address = "{{vm}}", weight = 11 },
+  { name = "raspberry-pi-3", address = "{{pi}}", weight = 0 },
+]
+
+[pools.forums]
+maintenance = true
+backends = []
+"#,
+        ),
+        &[&vm, &pi],
+    );
+    let lb = Balancer::start(&text).await;
+
+    let api = get(lb.admin, "/api/status").await;
+    assert_eq!(api.status, StatusCode::OK);
+    assert_eq!(
+        api.header("content-type").as_deref(),
+        Some("application/json")
+    );
+    let json: serde_json::Value = serde_json::from_slice(&api.body).expect("json");
+    let pools = json["pools"].as_array().expect("pools");
+    assert_eq!(pools.len(), 2);
+    let blog = &pools[0];
+    assert_eq!(blog["name"], "blog");
+    assert_eq!(blog["queue_limit"], 16);
+    assert_eq!(blog["maintenance"], false);
+    let b = blog["backends"].as_array().expect("backends");
+    assert_eq!(b[0]["name"], "blog-vm-1");
+    assert_eq!(b[0]["weight"], 11);
+    assert_eq!(b[0]["effective_weight"], 11.0);
+    assert_eq!(b[0]["state"], "up");
+    assert_eq!(b[1]["state"], "drained");
+    assert_eq!(pools[1]["name"], "forums");
+    assert_eq!(pools[1]["maintenance"], true);
+
+    let page = get(lb.admin, "/status").await;
+    assert_eq!(page.status, StatusCode::OK);
+    assert_eq!(
+        page.header("content-type").as_deref(),
+        Some("text/html; charset=utf-8")
+    );
+    let html = page.text();
+    assert!(
+        html.contains("<meta http-equiv=refresh"),
+        "refreshes itself"
+    );
+    assert!(html.contains("<h2>blog</h2>"), "{html}");
+    assert!(html.contains("forums &mdash; in maintenance"), "{html}");
+    // The whole share of new requests goes to the only serving back end.
+    assert!(html.contains("width:100.0%"), "{html}");
+    assert!(html.contains("<td class=drained>drained</td>"), "{html}");
+    assert!(
+        !html.contains("http://") && !html.contains("https://"),
+        "no external assets"
+    );
+
+    // Never on a public listener: there /status is routed like any path.
+    let public = get(lb.v4, "/status").await;
+    assert_eq!(public.status, StatusCode::OK);
+    assert_eq!(public.text(), "served by vm\n");
+}
