@@ -29,6 +29,18 @@ const MAX_BODY: usize = 1024;
 /// Answers one admin request.
 pub async fn handle(server: &Arc<Server>, req: Request<Incoming>) -> Response<Body> {
     let proxy = server.proxy();
+    if let Some(token) = proxy.live().snapshot.admin.token.as_deref() {
+        if !authorized(&req, token) {
+            let mut resp = local(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "A bearer token is required.\n",
+            );
+            resp.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            return resp;
+        }
+    }
     let path = req.uri().path().to_owned();
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
     match (req.method(), segments.as_slice()) {
@@ -124,6 +136,20 @@ pub async fn handle(server: &Arc<Server>, req: Request<Incoming>) -> Response<Bo
             "Not found. Try /metrics.\n",
         ),
     }
+}
+
+/// Whether `req` carries `Authorization: Bearer <token>` (compared in constant time).
+fn authorized<B>(req: &Request<B>, token: &str) -> bool {
+    let Some(given) = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+    else {
+        return false;
+    };
+    let (a, b) = (given.trim().as_bytes(), token.as_bytes());
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 fn text(status: StatusCode, body: String) -> Response<Body> {

@@ -143,8 +143,24 @@ impl Metrics {
             ),
             &["pool", "reason"],
         )?;
+        let build_info = IntGaugeVec::new(
+            Opts::new(
+                "launchday_build_info",
+                "Always 1; the version label says which build is running.",
+            ),
+            &["version"],
+        )?;
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+        // CPU seconds, resident memory, open and maximum file descriptors, start time:
+        // process_cpu_seconds_total, process_resident_memory_bytes, process_open_fds...
+        registry.register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ))?;
         for c in [
-            Box::new(backend_up.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(build_info) as Box<dyn prometheus::core::Collector>,
+            Box::new(backend_up.clone()),
             Box::new(health_checks.clone()),
             Box::new(retries.clone()),
             Box::new(requests.clone()),
@@ -323,6 +339,17 @@ mod tests {
         assert!(text.contains(r#"launchday_backend_weight{backend="pi",pool="blog"} 1"#));
         assert!(text.contains(r#"launchday_backend_in_flight{backend="pi",pool="blog"} 3"#));
         assert!(text.contains("launchday_request_duration_seconds_bucket{pool=\"blog\""));
+        assert!(text.contains(&format!(
+            "launchday_build_info{{version=\"{}\"}} 1",
+            env!("CARGO_PKG_VERSION")
+        )));
+        for process in [
+            "process_cpu_seconds_total",
+            "process_resident_memory_bytes",
+            "process_open_fds",
+        ] {
+            assert!(text.contains(&format!("# TYPE {process}")), "{process}");
+        }
     }
 
     #[test]

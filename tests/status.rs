@@ -2,7 +2,9 @@
 
 mod common;
 
-use common::{config, fill, get, Backend, Balancer};
+use bytes::Bytes;
+use common::{config, fill, get, request, Backend, Balancer, Client};
+use http::Method;
 use http::StatusCode;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -79,4 +81,83 @@ backends = []
     let public = get(lb.v4, "/status").await;
     assert_eq!(public.status, StatusCode::OK);
     assert_eq!(public.text(), "served by vm\n");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_requires_the_bearer_token_when_one_is_configured() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("admin.token"), "s3cret-token\n").expect("write");
+    let text = r#"shutdown_grace = "1s"
+[admin]
+listen = ["127.0.0.1:0"]
+token_file = "admin.token"
+
+[[listeners]]
+name = "public"
+bind = ["127.0.0.1:0", "[::1]:0"]
+
+[[routes]]
+pool = "m"
+
+[pools.m]
+maintenance = true
+backends = []
+"#;
+    let lb = Balancer::start_in(text, dir.path()).await;
+    let mut c = Client::connect(lb.admin).await;
+    let none = c.get("/metrics").await;
+    assert_eq!(none.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(none.header("www-authenticate").as_deref(), Some("Bearer"));
+    let wrong = c
+        .send(request(
+            Method::GET,
+            "/metrics",
+            &[("authorization", "Bearer nope")],
+            Bytes::new(),
+        ))
+        .await;
+    assert_eq!(wrong.status, StatusCode::UNAUTHORIZED);
+    let ok = c
+        .send(request(
+            Method::GET,
+            "/metrics",
+            &[("authorization", "Bearer s3cret-token")],
+            Bytes::new(),
+        ))
+        .await;
+    assert_eq!(ok.status, StatusCode::OK);
+    assert!(ok.text().contains("# TYPE launchday_build_info gauge"));
+}
+
+#[test]
+fn a_remote_admin_address_needs_allow_remote_and_a_token() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let base = |admin: &str| {
+        format!(
+            "[admin]\n{admin}\n[[listeners]]\nname = \"p\"\nbind = [\"127.0.0.1:0\"]\n\
+             [[routes]]\npool = \"m\"\n[pools.m]\nmaintenance = true\nbackends = []\n"
+        )
+    };
+    let errors = |admin: &str| -> Vec<String> {
+        match launchday::config::load_str(&base(admin), dir.path(), None) {
+            Ok(_) => Vec::new(),
+            Err(e) => e.0.iter().map(ToString::to_string).collect(),
+        }
+    };
+    let e = errors("listen = [\"0.0.0.0:0\"]");
+    assert_eq!(e.len(), 1, "{e:?}");
+    assert!(
+        e[0].starts_with("admin.listen[0]: 0.0.0.0:0 is not a loopback address"),
+        "{e:?}"
+    );
+    let e = errors("listen = [\"0.0.0.0:0\"]\nallow_remote = true");
+    assert_eq!(e.len(), 1, "{e:?}");
+    assert!(
+        e[0].starts_with("admin.token_file: required with allow_remote = true"),
+        "{e:?}"
+    );
+    std::fs::write(dir.path().join("t"), "tok").expect("write");
+    assert!(errors("listen = [\"0.0.0.0:0\"]\nallow_remote = true\ntoken_file = \"t\"").is_empty());
+    let e = errors("token_file = \"missing\"");
+    assert!(e[0].starts_with("admin.token_file: "), "{e:?}");
 }

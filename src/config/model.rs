@@ -56,6 +56,12 @@ pub struct AdminConfig {
     /// `listen`: socket addresses (IP literal and port). Default `["127.0.0.1:9090"]`;
     /// `[]` disables the admin listener.
     pub listen: Option<Vec<String>>,
+    /// `allow_remote`: permit non-loopback `listen` addresses (then `token_file` is
+    /// required). Default `false`.
+    pub allow_remote: Option<bool>,
+    /// `token_file`: file holding a bearer token every admin request must present
+    /// (`Authorization: Bearer TOKEN`); relative to the config file. Default: none.
+    pub token_file: Option<String>,
 }
 
 /// One `[[listeners]]` entry.

@@ -50,8 +50,11 @@ impl Snapshot {
 
 #[derive(Debug, Clone)]
 pub struct AdminSpec {
-    /// Admin listener addresses (metrics, status, API). Default `["127.0.0.1:9090"]`.
+    /// Admin listener addresses (metrics, status, API). Default `["127.0.0.1:9090"]`;
+    /// loopback only unless `allow_remote`.
     pub listen: Vec<SocketAddr>,
+    /// Bearer token every admin request must carry (from `token_file`), if set.
+    pub token: Option<String>,
 }
 
 #[derive(Debug, Clone)]

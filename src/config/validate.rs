@@ -65,7 +65,7 @@ pub fn validate(
         .filter_map(|(i, text)| fields::ip_net(e, &format!("trusted_proxies[{i}]"), text))
         .collect();
     let mut binds = listeners::Binds::default();
-    let admin = listeners::admin(e, raw.admin.unwrap_or_default(), &mut binds);
+    let admin = listeners::admin(e, raw.admin.unwrap_or_default(), &mut binds, base_dir);
     let listeners =
         listeners::listeners(e, raw.listeners.unwrap_or_default(), &mut binds, base_dir);
     let raw_pools = raw.pools.unwrap_or_default();

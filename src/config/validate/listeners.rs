@@ -59,7 +59,39 @@ impl Binds {
     }
 }
 
-pub(super) fn admin(e: &mut Errors, raw: AdminConfig, binds: &mut Binds) -> AdminSpec {
+pub(super) fn admin(
+    e: &mut Errors,
+    raw: AdminConfig,
+    binds: &mut Binds,
+    base_dir: &Path,
+) -> AdminSpec {
+    let allow_remote = raw.allow_remote.unwrap_or(false);
+    let token = raw.token_file.and_then(|file| {
+        let full = base_dir.join(&file);
+        match std::fs::read_to_string(&full) {
+            Ok(t) if !t.trim().is_empty() => Some(t.trim().to_owned()),
+            Ok(_) => {
+                e.push(ConfigError::new(
+                    "admin.token_file",
+                    format!("{} is empty", full.display()),
+                ));
+                None
+            }
+            Err(err) => {
+                e.push(ConfigError::new(
+                    "admin.token_file",
+                    format!("{} cannot be read: {err}", full.display()),
+                ));
+                None
+            }
+        }
+    });
+    if allow_remote && token.is_none() && !e.iter().any(|x| x.path == "admin.token_file") {
+        e.push(
+            ConfigError::new("admin.token_file", "required with allow_remote = true")
+                .with_hint("a file holding the bearer token admin requests must present"),
+        );
+    }
     let Some(texts) = raw.listen else {
         binds.claim(
             e,
@@ -68,18 +100,26 @@ pub(super) fn admin(e: &mut Errors, raw: AdminConfig, binds: &mut Binds) -> Admi
         );
         return AdminSpec {
             listen: vec![ADMIN_LISTEN],
+            token,
         };
     };
     let mut listen = Vec::new();
     for (i, text) in texts.iter().enumerate() {
         let path = format!("admin.listen[{i}]");
         if let Some(addr) = fields::listen_addr(e, &path, text) {
+            if !allow_remote && !addr.ip().is_loopback() {
+                e.push(
+                    ConfigError::new(&path, format!("{addr} is not a loopback address"))
+                        .with_hint("the admin API stays on loopback unless admin.allow_remote = true (with admin.token_file)"),
+                );
+                continue;
+            }
             if binds.claim(e, path, addr) {
                 listen.push(addr);
             }
         }
     }
-    AdminSpec { listen }
+    AdminSpec { listen, token }
 }
 
 pub(super) fn listeners(
