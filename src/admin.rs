@@ -53,7 +53,7 @@ pub async fn handle(server: &Arc<Server>, req: Request<Incoming>) -> Response<Bo
             resp
         }
         (&Method::GET, ["status"]) => {
-            let mut resp = Response::new(Body::full(crate::status::page(proxy)));
+            let mut resp = Response::new(Body::full(crate::status::page(proxy, server.history())));
             resp.headers_mut().insert(
                 header::CONTENT_TYPE,
                 HeaderValue::from_static("text/html; charset=utf-8"),
@@ -61,7 +61,7 @@ pub async fn handle(server: &Arc<Server>, req: Request<Incoming>) -> Response<Bo
             resp
         }
         (&Method::GET, ["api", "status"]) => {
-            match serde_json::to_vec_pretty(&crate::status::status(proxy)) {
+            match serde_json::to_vec_pretty(&crate::status::status(proxy, server.history())) {
                 Ok(json) => {
                     let mut resp = Response::new(Body::full(json));
                     resp.headers_mut().insert(

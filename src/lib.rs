@@ -10,6 +10,7 @@ pub mod config;
 pub mod demo;
 pub mod headers;
 pub mod health;
+pub mod history;
 pub mod hll;
 pub mod listener;
 pub mod maintenance;

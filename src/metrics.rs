@@ -243,6 +243,16 @@ impl Metrics {
         CodeCounters::new(&self.requests, LOCAL_BACKEND, LOCAL_BACKEND)
     }
 
+    /// Beacons so far.
+    pub fn beacons(&self) -> u64 {
+        self.beacons.get()
+    }
+
+    /// The unique-visitor estimate now.
+    pub fn unique_visitors(&self) -> f64 {
+        self.visitors.estimate()
+    }
+
     /// Counts one beacon.
     pub fn beacon(&self) {
         self.beacons.inc();
@@ -281,6 +291,11 @@ impl CodeCounters {
         let class = (status.as_u16() / 100).clamp(1, 5) as usize - 1;
         self.0[class].inc();
     }
+
+    /// All answers counted so far.
+    pub fn total(&self) -> u64 {
+        self.0.iter().map(IntCounter::get).sum()
+    }
 }
 
 /// Pre-resolved handles of one pool.
@@ -304,6 +319,11 @@ impl PoolMetrics {
         let r = Shed::ALL.iter().position(|&s| s == reason).unwrap_or(0);
         let c = usize::from(class == Class::Write);
         self.shed[r][c].inc();
+    }
+
+    /// Shed requests so far, by reason (in [`Shed::ALL`] order), both classes.
+    pub fn shed_by_reason(&self) -> [u64; 5] {
+        self.shed.each_ref().map(|[r, w]| r.get() + w.get())
     }
 }
 

@@ -137,6 +137,7 @@ pub struct Server {
     last_success: prometheus::Gauge,
     /// Serialises reloads.
     reloading: tokio::sync::Mutex<()>,
+    history: Arc<crate::history::History>,
 }
 
 /// Sockets handed over by a running instance (binary upgrade), by configured address.
@@ -262,6 +263,7 @@ impl Server {
         let metrics = Metrics::new(registry)?;
         let snapshot = Arc::new(snapshot);
         let proxy = Proxy::new(Arc::clone(&snapshot), metrics);
+        let history = crate::history::History::spawn(&proxy);
         let server = Arc::new(Server {
             proxy,
             public: Mutex::new(Vec::new()),
@@ -270,6 +272,7 @@ impl Server {
             reloads,
             last_success,
             reloading: tokio::sync::Mutex::new(()),
+            history,
         });
         server.switch_listeners(&snapshot, public, admin).await?;
         server.last_success.set(unix_now());
@@ -304,6 +307,11 @@ impl Server {
             .chain(admin.iter())
             .map(|a| Ok((a.configured, a.socket.as_fd().try_clone_to_owned()?)))
             .collect()
+    }
+
+    /// Recent rates (sampled once a second) for the status page and API.
+    pub fn history(&self) -> &crate::history::History {
+        &self.history
     }
 
     /// The request handler.

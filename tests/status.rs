@@ -161,3 +161,57 @@ fn a_remote_admin_address_needs_allow_remote_and_a_token() {
     let e = errors("token_file = \"missing\"");
     assert!(e[0].starts_with("admin.token_file: "), "{e:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_shows_each_back_ends_traffic_share_next_to_its_configured_share() {
+    let vm = Backend::start("vm").await;
+    let pi = Backend::start("pi").await;
+    let text = fill(
+        &config(
+            "",
+            r#"
+[[routes]]
+pool = "blog"
+
+[pools.blog]
+backends = [
+  { name = "vm", address = "{{vm}}", weight = 11 },
+  { name = "pi", address = "{{pi}}", weight = 1 },
+]
+"#,
+        ),
+        &[&vm, &pi],
+    );
+    let lb = Balancer::start(&text).await;
+    let mut c = Client::connect(lb.v4).await;
+    // Traffic for about 2.5 s so that several one-second samples see it.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_millis(2500);
+    let mut sent = 0;
+    while std::time::Instant::now() < deadline && sent < 100_000 {
+        for _ in 0..12 {
+            assert_eq!(c.get("/").await.status, StatusCode::OK);
+            sent += 1;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    let api = get(lb.admin, "/api/status").await;
+    let json: serde_json::Value = serde_json::from_slice(&api.body).expect("json");
+    let pool = &json["pools"][0];
+    let backends = pool["backends"].as_array().expect("backends");
+    let pi_status = backends.iter().find(|b| b["name"] == "pi").expect("pi");
+    let share = pi_status["traffic_share"].as_f64().expect("share");
+    assert!(
+        (share - 1.0 / 12.0).abs() < 0.02,
+        "pi's traffic share {share}: {pool}"
+    );
+    let configured = pi_status["configured_share"].as_f64().expect("configured");
+    assert!((configured - 1.0 / 12.0).abs() < 1e-9);
+    assert!(
+        pool["requests_per_second"].as_f64().expect("rate") > 10.0,
+        "{pool}"
+    );
+    assert!(!pool["sparkline"].as_array().expect("sparkline").is_empty());
+    let html = get(lb.admin, "/status").await.text();
+    assert!(html.contains("<polyline"), "sparkline drawn");
+    assert!(html.contains("8.3% configured"), "{html}");
+}

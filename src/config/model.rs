@@ -180,7 +180,7 @@ pub struct HealthCheckConfig {
     /// `interval`: time between checks (humantime, more than 0). Default `"2s"`.
     pub interval: Option<String>,
     /// `timeout`: per-check deadline (humantime, more than 0, at most `interval`).
-    /// Default `"1s"`.
+    /// Default `"1s"`, or `interval` when that is shorter.
     pub timeout: Option<String>,
     /// `rise`: consecutive successes that mark a back end up, at least 1. Default `2`.
     pub rise: Option<i64>,

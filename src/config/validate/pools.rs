@@ -217,11 +217,12 @@ fn health_check(e: &mut Errors, at: &str, raw: HealthCheckConfig) -> HealthCheck
         CHECK_INTERVAL,
         Zero::Forbidden,
     );
+    // Default: 1 s, but never longer than the interval.
     let timeout = fields::duration(
         e,
         &format!("{at}.timeout"),
         raw.timeout.as_deref(),
-        CHECK_TIMEOUT,
+        CHECK_TIMEOUT.min(interval),
         Zero::Forbidden,
     );
     if e.len() == errors_before && timeout > interval {
