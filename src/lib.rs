@@ -4,6 +4,7 @@
 //! `benches/` can drive the real components. See `README.md` for the user's view and
 //! `../shared/DESIGN.md` for the architecture and the external contract.
 
+pub mod accesslog;
 pub mod admin;
 pub mod body;
 pub mod config;

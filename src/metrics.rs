@@ -46,6 +46,7 @@ pub struct Metrics {
     backend_up: IntGaugeVec,
     health_checks: IntCounterVec,
     retries: IntCounterVec,
+    access_log_dropped: IntCounter,
 }
 
 impl Metrics {
@@ -143,6 +144,10 @@ impl Metrics {
             ),
             &["pool", "reason"],
         )?;
+        let access_log_dropped = IntCounter::new(
+            "launchday_access_log_dropped_total",
+            "Access-log lines dropped because the writer could not keep up.",
+        )?;
         let build_info = IntGaugeVec::new(
             Opts::new(
                 "launchday_build_info",
@@ -160,6 +165,7 @@ impl Metrics {
         ))?;
         for c in [
             Box::new(build_info) as Box<dyn prometheus::core::Collector>,
+            Box::new(access_log_dropped.clone()),
             Box::new(backend_up.clone()),
             Box::new(health_checks.clone()),
             Box::new(retries.clone()),
@@ -192,6 +198,7 @@ impl Metrics {
             backend_up,
             health_checks,
             retries,
+            access_log_dropped,
         })
     }
 
@@ -241,6 +248,11 @@ impl Metrics {
     /// Counters for requests that matched no route (`pool="-"`, `backend="-"`).
     pub fn unrouted(&self) -> CodeCounters {
         CodeCounters::new(&self.requests, LOCAL_BACKEND, LOCAL_BACKEND)
+    }
+
+    /// The counter of dropped access-log lines.
+    pub fn access_log_dropped(&self) -> IntCounter {
+        self.access_log_dropped.clone()
     }
 
     /// Beacons so far.

@@ -17,8 +17,9 @@ use http::{Method, Request, Response, StatusCode, Uri};
 use hyper::body::Incoming;
 use parking_lot::Mutex;
 
+use crate::accesslog::{AccessLog, Entry, Facts};
 use crate::body::Body;
-use crate::config::{Class, ListenerSpec, Snapshot};
+use crate::config::{AccessLogSpec, Class, ListenerSpec, Snapshot};
 use crate::headers::{self, Forwarded, X_LAUNCHDAY_ERROR, X_SERVED_BY};
 use crate::maintenance::{MaintenancePage, BEACON_PATH};
 use crate::metrics::{CodeCounters, Metrics};
@@ -35,6 +36,8 @@ pub struct Live {
     pub pools: Vec<Arc<Pool>>,
     /// The maintenance page of this snapshot, rendered and compressed.
     pub page: MaintenancePage,
+    /// The access log, when configured.
+    pub access_log: Option<AccessLog>,
 }
 
 /// The handler shared by every connection of every listener.
@@ -46,6 +49,8 @@ pub struct Proxy {
     upstreams: Mutex<HashMap<SocketAddr, Arc<Upstream>>>,
     /// Pools by name, kept across reloads (queues, estimates, back-end loads).
     pools: Mutex<HashMap<String, Arc<Pool>>>,
+    /// The running access log and its settings.
+    log: Mutex<Option<(AccessLogSpec, AccessLog)>>,
 }
 
 static LAUNCHDAY: HeaderValue = HeaderValue::from_static("launchday");
@@ -57,6 +62,7 @@ impl Proxy {
         let unrouted = metrics.unrouted();
         let proxy = Proxy {
             live: ArcSwap::from_pointee(Live {
+                access_log: None,
                 page: MaintenancePage::render("", "", std::time::Duration::ZERO),
                 snapshot: Arc::clone(&snapshot),
                 router: Router::default(),
@@ -66,6 +72,7 @@ impl Proxy {
             unrouted,
             upstreams: Mutex::new(HashMap::new()),
             pools: Mutex::new(HashMap::new()),
+            log: Mutex::new(None),
         };
         let live = proxy.build(snapshot);
         proxy.live.store(Arc::new(live));
@@ -121,10 +128,35 @@ impl Proxy {
             .collect();
         upstreams.retain(|addr, _| in_use.contains(addr));
         Live {
+            access_log: self.access_log(&snapshot),
             router: Router::new(&snapshot.routes),
             page: MaintenancePage::new(&snapshot.maintenance),
             pools,
             snapshot,
+        }
+    }
+
+    /// The access log for `snapshot`: the running one when its settings did not change.
+    fn access_log(&self, snapshot: &Snapshot) -> Option<AccessLog> {
+        let mut current = self.log.lock();
+        let spec = snapshot.access_log.as_ref()?;
+        if let Some((running, log)) = current.as_ref() {
+            if running == spec {
+                return Some(log.clone());
+            }
+        }
+        if tokio::runtime::Handle::try_current().is_err() {
+            return None;
+        }
+        match AccessLog::start(spec, self.metrics.access_log_dropped()) {
+            Ok(log) => {
+                *current = Some((spec.clone(), log.clone()));
+                Some(log)
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot open the access log; requests are not logged");
+                None
+            }
         }
     }
 
@@ -136,7 +168,11 @@ impl Proxy {
             .listeners
             .iter()
             .find(|l| *l.name == *fwd.listener);
-        let mut resp = self.respond(&live, listener, req, fwd).await;
+        let started = Instant::now();
+        // Only with an access log: what the line needs from the request itself.
+        let head = live.access_log.as_ref().map(|_| RequestHead::of(&req));
+        let mut facts = Facts::default();
+        let mut resp = self.respond(&live, listener, req, fwd, &mut facts).await;
         if fwd.tls.is_some() {
             if let Some(hsts) = listener
                 .and_then(|l| l.tls.as_ref())
@@ -145,6 +181,9 @@ impl Proxy {
                 resp.headers_mut()
                     .insert(header::STRICT_TRANSPORT_SECURITY, hsts.clone());
             }
+        }
+        if let (Some(log), Some(head)) = (&live.access_log, head) {
+            log.log(head.entry(&resp, fwd, facts, started.elapsed()));
         }
         resp
     }
@@ -155,6 +194,7 @@ impl Proxy {
         listener: Option<&ListenerSpec>,
         req: Request<Incoming>,
         fwd: &Forwarded,
+        facts: &mut Facts,
     ) -> Response<Body> {
         if req.uri().path() == BEACON_PATH {
             self.metrics.beacon();
@@ -197,6 +237,9 @@ impl Proxy {
         };
         let class = matched.class.unwrap_or_else(|| class_of(req.method()));
         let pool = &live.pools[matched.pool];
+        if live.access_log.is_some() {
+            facts.pool = Some(pool.name().to_owned());
+        }
         let start = Instant::now();
         let (parts, incoming) = req.into_parts();
         let (acquired, body) = if http_body::Body::is_end_stream(&incoming) {
@@ -211,9 +254,13 @@ impl Proxy {
                 }
             }
         };
+        if live.access_log.is_some() {
+            facts.queue = Some(start.elapsed());
+        }
         let resp = match acquired {
-            Ok(lease) => forward(parts, body, lease, fwd, class).await,
+            Ok(lease) => forward(parts, body, lease, fwd, class, facts).await,
             Err(shed) => {
+                facts.shed = Some(shed.reason());
                 let mut resp = live.page.response(
                     class,
                     parts.headers.get(header::ACCEPT_ENCODING),
@@ -233,6 +280,70 @@ impl Proxy {
         };
         pool.metrics.duration.observe(start.elapsed().as_secs_f64());
         resp
+    }
+}
+
+/// What an access-log line needs from the request, taken before it is consumed.
+struct RequestHead {
+    method: String,
+    target: String,
+    version: &'static str,
+    host: Option<String>,
+    referer: Option<String>,
+    user_agent: Option<String>,
+}
+
+impl RequestHead {
+    fn of<B>(req: &Request<B>) -> Self {
+        let text = |name| {
+            req.headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        };
+        RequestHead {
+            method: req.method().as_str().to_owned(),
+            target: req
+                .uri()
+                .path_and_query()
+                .map_or_else(|| "/".to_owned(), |pq| pq.as_str().to_owned()),
+            version: match req.version() {
+                http::Version::HTTP_2 => "HTTP/2.0",
+                http::Version::HTTP_10 => "HTTP/1.0",
+                _ => "HTTP/1.1",
+            },
+            host: request_host(req).map(str::to_owned),
+            referer: text(header::REFERER),
+            user_agent: text(header::USER_AGENT),
+        }
+    }
+
+    fn entry(
+        self,
+        resp: &Response<Body>,
+        fwd: &Forwarded,
+        facts: Facts,
+        took: std::time::Duration,
+    ) -> Entry {
+        Entry {
+            time: crate::accesslog::now(),
+            client: fwd.peer,
+            method: self.method,
+            target: self.target,
+            version: self.version,
+            host: self.host,
+            status: resp.status().as_u16(),
+            bytes: http_body::Body::size_hint(resp.body()).exact(),
+            referer: self.referer,
+            user_agent: self.user_agent,
+            listener: fwd.listener.to_string(),
+            pool: facts.pool,
+            backend: facts.backend,
+            upstream_seconds: facts.upstream.map(|d| d.as_secs_f64()),
+            queue_seconds: facts.queue.map(|d| d.as_secs_f64()),
+            shed: facts.shed,
+            duration_seconds: took.as_secs_f64(),
+        }
     }
 }
 
@@ -328,6 +439,7 @@ async fn forward(
     mut lease: crate::pool::Lease,
     fwd: &Forwarded,
     class: Class,
+    facts: &mut Facts,
 ) -> Response<Body> {
     headers::rewrite_request(&mut parts.headers, fwd, &lease.backend().spec.address_text);
     // Back ends get origin-form targets; absolute-form was routed on its authority.
@@ -351,7 +463,13 @@ async fn forward(
     let mut tries_left = pool.retries();
     loop {
         let backend = lease.backend();
-        match backend.upstream.send(req).await {
+        let sent = Instant::now();
+        let result = backend.upstream.send(req).await;
+        if facts.pool.is_some() {
+            facts.backend = Some(backend.spec.name.clone());
+            facts.upstream = Some(sent.elapsed());
+        }
+        match result {
             Ok((resp, checkin)) => {
                 pool.passive_result(backend, !resp.status().is_server_error());
                 let (mut parts, body) = resp.into_parts();

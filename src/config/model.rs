@@ -47,6 +47,20 @@ pub struct RootConfig {
     pub maintenance: Option<MaintenanceConfig>,
     /// `[limits]`: hardening limits. Default: the defaults of [`LimitsConfig`].
     pub limits: Option<LimitsConfig>,
+    /// `[access_log]`: one line per request. Default: absent, no access log.
+    pub access_log: Option<AccessLogConfig>,
+}
+
+/// `[access_log]`.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccessLogConfig {
+    /// `path`: a file (appended to; relative to the config file) or `"-"` for stderr.
+    /// Default `"-"`.
+    pub path: Option<String>,
+    /// `format`: `"combined"` (Apache/nginx combined plus launchday fields) or
+    /// `"json"` (one object a line). Default `"combined"`.
+    pub format: Option<String>,
 }
 
 /// `[admin]`: metrics, status page and API.

@@ -39,6 +39,23 @@ pub struct Snapshot {
     pub pools: Vec<PoolSpec>,
     pub maintenance: MaintenanceSpec,
     pub limits: LimitsSpec,
+    /// `None` = no access log.
+    pub access_log: Option<AccessLogSpec>,
+}
+
+/// Where and how the access log is written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AccessLogSpec {
+    /// `None` = stderr.
+    pub path: Option<PathBuf>,
+    pub format: AccessLogFormat,
+}
+
+/// An access-log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AccessLogFormat {
+    Combined,
+    Json,
 }
 
 impl Snapshot {

@@ -11,7 +11,8 @@ use std::time::Duration;
 use super::fields::{self, Errors, Zero};
 use super::model::{LimitsConfig, MaintenanceConfig, PoolConfig, RootConfig, RouteConfig};
 use super::{
-    Class, ConfigError, ConfigErrors, HostMatch, LimitsSpec, MaintenanceSpec, RouteSpec, Snapshot,
+    AccessLogFormat, AccessLogSpec, Class, ConfigError, ConfigErrors, HostMatch, LimitsSpec,
+    MaintenanceSpec, RouteSpec, Snapshot,
 };
 
 mod listeners;
@@ -76,6 +77,7 @@ pub fn validate(
         .collect();
     let maintenance = maintenance(e, raw.maintenance.unwrap_or_default(), base_dir);
     let limits = limits(e, raw.limits.unwrap_or_default());
+    let access_log = raw.access_log.map(|a| access_log(e, a, base_dir));
 
     if !errors.is_empty() {
         return Err(ConfigErrors(errors));
@@ -93,6 +95,7 @@ pub fn validate(
         pools,
         maintenance,
         limits,
+        access_log,
     })
 }
 
@@ -219,6 +222,44 @@ fn maintenance(e: &mut Errors, raw: MaintenanceConfig, base_dir: &Path) -> Maint
         ),
         analytics: raw.analytics.unwrap_or_default(),
     }
+}
+
+fn access_log(
+    e: &mut Errors,
+    raw: crate::config::model::AccessLogConfig,
+    base_dir: &Path,
+) -> AccessLogSpec {
+    let format = match raw.format.as_deref() {
+        None | Some("combined") => AccessLogFormat::Combined,
+        Some("json") => AccessLogFormat::Json,
+        Some(other) => {
+            e.push(
+                ConfigError::new("access_log.format", format!("unknown format {other:?}"))
+                    .with_hint("\"combined\" or \"json\""),
+            );
+            AccessLogFormat::Combined
+        }
+    };
+    let path = match raw.path.as_deref() {
+        None | Some("-") => None,
+        Some(p) => {
+            let full = base_dir.join(p);
+            let dir_ok = full
+                .parent()
+                .is_none_or(|d| d.as_os_str().is_empty() || d.is_dir());
+            if !dir_ok || full.is_dir() {
+                e.push(
+                    ConfigError::new(
+                        "access_log.path",
+                        format!("{} cannot be a log file", full.display()),
+                    )
+                    .with_hint("its directory must exist; use \"-\" for stderr"),
+                );
+            }
+            Some(full)
+        }
+    };
+    AccessLogSpec { path, format }
 }
 
 fn limits(e: &mut Errors, raw: LimitsConfig) -> LimitsSpec {
