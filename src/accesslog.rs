@@ -17,6 +17,9 @@ use std::net::IpAddr;
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use std::sync::Arc;
+
+use http::HeaderValue;
 use prometheus::IntCounter;
 use serde::Serialize;
 use tokio::sync::mpsc;
@@ -32,17 +35,23 @@ pub struct Entry {
     /// Unix time in seconds (with fractions).
     pub time: f64,
     pub client: IpAddr,
-    pub method: String,
-    pub target: String,
+    #[serde(serialize_with = "as_str")]
+    pub method: http::Method,
+    /// Path and query.
+    #[serde(serialize_with = "target")]
+    pub target: http::Uri,
     pub version: &'static str,
-    pub host: Option<String>,
+    #[serde(serialize_with = "opt_header")]
+    pub host: Option<HeaderValue>,
     pub status: u16,
     pub bytes: Option<u64>,
-    pub referer: Option<String>,
-    pub user_agent: Option<String>,
-    pub listener: String,
-    pub pool: Option<String>,
-    pub backend: Option<String>,
+    #[serde(serialize_with = "opt_header")]
+    pub referer: Option<HeaderValue>,
+    #[serde(serialize_with = "opt_header")]
+    pub user_agent: Option<HeaderValue>,
+    pub listener: Arc<str>,
+    pub pool: Option<Arc<str>>,
+    pub backend: Option<Arc<str>>,
     /// Seconds from sending to the back end to its response head.
     pub upstream_seconds: Option<f64>,
     /// Seconds spent waiting for admission.
@@ -53,11 +62,26 @@ pub struct Entry {
     pub duration_seconds: f64,
 }
 
+fn as_str<S: serde::Serializer>(m: &http::Method, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(m.as_str())
+}
+
+fn target<S: serde::Serializer>(u: &http::Uri, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(u.path_and_query().map_or("/", |pq| pq.as_str()))
+}
+
+fn opt_header<S: serde::Serializer>(v: &Option<HeaderValue>, s: S) -> Result<S::Ok, S::Error> {
+    match v {
+        Some(v) => s.serialize_str(&String::from_utf8_lossy(v.as_bytes())),
+        None => s.serialize_none(),
+    }
+}
+
 /// What the request path learns while handling a request, for its log line.
 #[derive(Debug, Default, Clone)]
 pub struct Facts {
-    pub pool: Option<String>,
-    pub backend: Option<String>,
+    pub pool: Option<Arc<str>>,
+    pub backend: Option<Arc<str>>,
     pub upstream: Option<Duration>,
     pub queue: Option<Duration>,
     pub shed: Option<&'static str>,
@@ -102,61 +126,110 @@ fn open(path: &PathBuf) -> std::io::Result<std::fs::File> {
         .open(path)
 }
 
+/// How often the writer wakes to write what has queued. Senders never wake it, so
+/// logging costs the request path one channel push.
+pub const FLUSH_EVERY: std::time::Duration = std::time::Duration::from_millis(20);
+
 async fn write_all(mut rx: mpsc::Receiver<Entry>, mut out: impl Write, format: AccessLogFormat) {
-    while let Some(first) = rx.recv().await {
-        let mut next = Some(first);
-        // Write what is queued, then flush once: one write syscall per burst.
-        while let Some(entry) = next {
-            let line = format_line(&entry, format);
-            if let Err(e) = out.write_all(line.as_bytes()) {
-                tracing::warn!(error = %e, "writing the access log");
+    let mut tick = tokio::time::interval(FLUSH_EVERY);
+    loop {
+        tick.tick().await;
+        let mut wrote = false;
+        loop {
+            match rx.try_recv() {
+                Ok(entry) => {
+                    if let Err(e) = write_line(&mut out, &entry, format) {
+                        tracing::warn!(error = %e, "writing the access log");
+                    }
+                    wrote = true;
+                }
+                Err(mpsc::error::TryRecvError::Empty) => break,
+                Err(mpsc::error::TryRecvError::Disconnected) => {
+                    let _ = out.flush();
+                    return;
+                }
             }
-            next = rx.try_recv().ok();
         }
-        if let Err(e) = out.flush() {
-            tracing::warn!(error = %e, "flushing the access log");
+        if wrote {
+            if let Err(e) = out.flush() {
+                tracing::warn!(error = %e, "flushing the access log");
+            }
         }
     }
 }
 
-/// One formatted line, with its newline.
-pub fn format_line(e: &Entry, format: AccessLogFormat) -> String {
+/// Writes one line, with its newline.
+pub fn write_line(out: &mut impl Write, e: &Entry, format: AccessLogFormat) -> std::io::Result<()> {
     match format {
         AccessLogFormat::Json => {
-            let mut s = serde_json::to_string(e).unwrap_or_default();
-            s.push('\n');
-            s
+            serde_json::to_writer(&mut *out, e)?;
+            out.write_all(b"\n")
         }
         AccessLogFormat::Combined => {
-            let secs = |d: Option<f64>| d.map_or("-".to_owned(), |d| format!("{d:.3}"));
-            format!(
-                "{} - - [{}] \"{} {} {}\" {} {} \"{}\" \"{}\" pool={} backend={} upstream={} queue={} shed={} time={:.3}\n",
+            let target = e.target.path_and_query().map_or("/", |pq| pq.as_str());
+            write!(
+                out,
+                "{} - - [{}] \"{} {} {}\" {} ",
                 e.client,
                 clf_time(e.time),
                 e.method,
-                e.target,
+                target,
                 e.version,
-                e.status,
-                e.bytes.map_or("-".to_owned(), |b| b.to_string()),
-                quote(e.referer.as_deref()),
-                quote(e.user_agent.as_deref()),
+                e.status
+            )?;
+            match e.bytes {
+                Some(b) => write!(out, "{b}")?,
+                None => out.write_all(b"-")?,
+            }
+            write!(out, " \"")?;
+            quoted(out, e.referer.as_ref())?;
+            write!(out, "\" \"")?;
+            quoted(out, e.user_agent.as_ref())?;
+            write!(
+                out,
+                "\" pool={} backend={} upstream=",
                 e.pool.as_deref().unwrap_or("-"),
-                e.backend.as_deref().unwrap_or("-"),
-                secs(e.upstream_seconds),
-                secs(e.queue_seconds),
+                e.backend.as_deref().unwrap_or("-")
+            )?;
+            secs(out, e.upstream_seconds)?;
+            out.write_all(b" queue=")?;
+            secs(out, e.queue_seconds)?;
+            writeln!(
+                out,
+                " shed={} time={:.3}",
                 e.shed.unwrap_or("-"),
-                e.duration_seconds,
+                e.duration_seconds
             )
         }
     }
 }
 
-/// A header value inside double quotes: `"` and `\` escaped, `-` when absent.
-fn quote(v: Option<&str>) -> String {
-    match v {
-        None => "-".to_owned(),
-        Some(v) => v.replace('\\', "\\\\").replace('"', "\\\""),
+fn secs(out: &mut impl Write, d: Option<f64>) -> std::io::Result<()> {
+    match d {
+        Some(d) => write!(out, "{d:.3}"),
+        None => out.write_all(b"-"),
     }
+}
+
+/// A header value inside double quotes: `"` and `\` escaped, `-` when absent.
+fn quoted(out: &mut impl Write, v: Option<&HeaderValue>) -> std::io::Result<()> {
+    let Some(v) = v else {
+        return out.write_all(b"-");
+    };
+    for &b in v.as_bytes() {
+        match b {
+            b'"' | b'\\' => out.write_all(&[b'\\', b])?,
+            _ => out.write_all(&[b])?,
+        }
+    }
+    Ok(())
+}
+
+/// One formatted line, with its newline (for tests and tools).
+pub fn format_line(e: &Entry, format: AccessLogFormat) -> String {
+    let mut v = Vec::with_capacity(256);
+    let _ = write_line(&mut v, e, format);
+    String::from_utf8_lossy(&v).into_owned()
 }
 
 /// Unix seconds as the common log format's `26/Nov/2026:14:00:00 +0000`.
@@ -202,14 +275,14 @@ mod tests {
         Entry {
             time: 1_795_701_600.25, // 2026-11-26T14:00:00.25Z
             client: "2001:db8::7".parse().expect("ip"),
-            method: "GET".into(),
-            target: "/2026/launch?x=1".into(),
+            method: http::Method::GET,
+            target: "/2026/launch?x=1".parse().expect("uri"),
             version: "HTTP/1.1",
-            host: Some("blog.example.org".into()),
+            host: Some(HeaderValue::from_static("blog.example.org")),
             status: 503,
             bytes: Some(4108),
             referer: None,
-            user_agent: Some("curl/8 \"quoted\"".into()),
+            user_agent: Some(HeaderValue::from_static("curl/8 \"quoted\"")),
             listener: "public".into(),
             pool: Some("blog".into()),
             backend: None,

@@ -238,7 +238,7 @@ impl Proxy {
         let class = matched.class.unwrap_or_else(|| class_of(req.method()));
         let pool = &live.pools[matched.pool];
         if live.access_log.is_some() {
-            facts.pool = Some(pool.name().to_owned());
+            facts.pool = Some(pool.name_arc());
         }
         let start = Instant::now();
         let (parts, incoming) = req.into_parts();
@@ -261,6 +261,14 @@ impl Proxy {
             Ok(lease) => forward(parts, body, lease, fwd, class, facts).await,
             Err(shed) => {
                 facts.shed = Some(shed.reason());
+                pool.metrics.shed(shed, class);
+                if parts.uri.path() == "/favicon.ico" {
+                    // The browser's own favicon fetch is not a page view: answer it
+                    // without the page, so pages and visitors count people.
+                    let resp = local(StatusCode::SERVICE_UNAVAILABLE, shed.reason(), "");
+                    pool.metrics.local.inc(resp.status());
+                    return resp;
+                }
                 let mut resp = live.page.response(
                     class,
                     parts.headers.get(header::ACCEPT_ENCODING),
@@ -271,7 +279,6 @@ impl Proxy {
                     resp.headers_mut()
                         .insert(header::CONNECTION, HeaderValue::from_static("close"));
                 }
-                pool.metrics.shed(shed, class);
                 pool.metrics.maintenance_pages.inc();
                 pool.metrics.local.inc(resp.status());
                 self.metrics.visitor(fwd.peer);
@@ -283,38 +290,31 @@ impl Proxy {
     }
 }
 
-/// What an access-log line needs from the request, taken before it is consumed.
+/// What an access-log line needs from the request, taken before it is consumed
+/// (reference-counted clones: nothing is copied or formatted on the request path).
 struct RequestHead {
-    method: String,
-    target: String,
+    method: Method,
+    target: Uri,
     version: &'static str,
-    host: Option<String>,
-    referer: Option<String>,
-    user_agent: Option<String>,
+    host: Option<HeaderValue>,
+    referer: Option<HeaderValue>,
+    user_agent: Option<HeaderValue>,
 }
 
 impl RequestHead {
     fn of<B>(req: &Request<B>) -> Self {
-        let text = |name| {
-            req.headers()
-                .get(name)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_owned)
-        };
+        let h = req.headers();
         RequestHead {
-            method: req.method().as_str().to_owned(),
-            target: req
-                .uri()
-                .path_and_query()
-                .map_or_else(|| "/".to_owned(), |pq| pq.as_str().to_owned()),
+            method: req.method().clone(),
+            target: req.uri().clone(),
             version: match req.version() {
                 http::Version::HTTP_2 => "HTTP/2.0",
                 http::Version::HTTP_10 => "HTTP/1.0",
                 _ => "HTTP/1.1",
             },
-            host: request_host(req).map(str::to_owned),
-            referer: text(header::REFERER),
-            user_agent: text(header::USER_AGENT),
+            host: h.get(header::HOST).cloned(),
+            referer: h.get(header::REFERER).cloned(),
+            user_agent: h.get(header::USER_AGENT).cloned(),
         }
     }
 
@@ -336,7 +336,7 @@ impl RequestHead {
             bytes: http_body::Body::size_hint(resp.body()).exact(),
             referer: self.referer,
             user_agent: self.user_agent,
-            listener: fwd.listener.to_string(),
+            listener: Arc::clone(&fwd.listener),
             pool: facts.pool,
             backend: facts.backend,
             upstream_seconds: facts.upstream.map(|d| d.as_secs_f64()),
@@ -466,7 +466,7 @@ async fn forward(
         let sent = Instant::now();
         let result = backend.upstream.send(req).await;
         if facts.pool.is_some() {
-            facts.backend = Some(backend.spec.name.clone());
+            facts.backend = Some(backend.name_arc());
             facts.upstream = Some(sent.elapsed());
         }
         match result {

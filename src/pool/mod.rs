@@ -112,6 +112,8 @@ impl Load {
 /// One back end of a pool, as configured by one snapshot.
 pub struct Backend {
     pub spec: BackendSpec,
+    /// The name, shared (access-log lines).
+    name: Arc<str>,
     pub upstream: Arc<Upstream>,
     pub metrics: BackendMetrics,
     load: Arc<Load>,
@@ -136,6 +138,11 @@ impl Backend {
         self.spec
             .max_connections
             .is_some_and(|max| self.in_flight() >= max)
+    }
+
+    /// The name, shared.
+    pub fn name_arc(&self) -> Arc<str> {
+        Arc::clone(&self.name)
     }
 
     /// Its health (shared across reloads).
@@ -228,7 +235,7 @@ impl Maintenance {
 
 /// A pool: its settings, back ends, selector and queue.
 pub struct Pool {
-    name: String,
+    name: Arc<str>,
     pub metrics: PoolMetrics,
     maintenance: Maintenance,
     state: Mutex<State>,
@@ -263,7 +270,7 @@ impl Pool {
         upstream: impl FnMut(std::net::SocketAddr) -> Arc<Upstream>,
     ) -> Self {
         let pool = Pool {
-            name: spec.name.clone(),
+            name: spec.name.as_str().into(),
             metrics: metrics.pool(&spec.name),
             maintenance: Maintenance::default(),
             state: Mutex::new(State {
@@ -394,6 +401,7 @@ impl Pool {
             }
             current.push(old.map_or(0, |i| st.swrr.current(i)));
             let backend = Backend {
+                name: b.name.as_str().into(),
                 metrics: metrics.backend(&spec.name, &b.name, b.weight),
                 upstream: upstream(b.address),
                 spec: b.clone(),
@@ -428,6 +436,11 @@ impl Pool {
     /// The pool's name.
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// The pool's name, shared.
+    pub fn name_arc(&self) -> Arc<str> {
+        Arc::clone(&self.name)
     }
 
     /// The back ends now, in config order.
