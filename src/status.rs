@@ -221,6 +221,9 @@ pub fn page(proxy: &Proxy, history: &History) -> String {
                     .unwrap_or_default(),
             ));
         }
+        if p.backends.is_empty() {
+            html.push_str("<tr><td colspan=7>no back ends</td></tr>");
+        }
         html.push_str("</table>");
     }
     html.push_str("</body></html>\n");
