@@ -370,21 +370,22 @@ fn metrics() -> Metrics {
     Metrics::new(prometheus::Registry::new()).expect("metrics")
 }
 
+/// A pool built from `spec` with metrics `m`, and a reconfigure with a new spec.
+fn build(spec: PoolSpec, m: &Metrics) -> Arc<Pool> {
+    Arc::new(Pool::new(spec, m, Upstream::new))
+}
+
+fn reload(p: &Arc<Pool>, spec: PoolSpec, m: &Metrics) {
+    p.reconfigure(spec, m, Upstream::new);
+}
+
 #[tokio::test(start_paused = true)]
 async fn reload_keeps_in_flight_exact_when_max_connections_changes() {
     let m = metrics();
-    let p = Arc::new(Pool::new(
-        spec(vec![backend("a", 1, Some(2), false)], 0),
-        &m,
-        Upstream::new,
-    ));
+    let p = build(spec(vec![backend("a", 1, Some(2), false)], 0), &m);
     let l1 = lease_now(&p, Class::Read).expect("1");
     let l2 = lease_now(&p, Class::Read).expect("2");
-    p.reconfigure(
-        spec(vec![backend("a", 1, Some(3), false)], 0),
-        &m,
-        Upstream::new,
-    );
+    reload(&p, spec(vec![backend("a", 1, Some(3), false)], 0), &m);
     assert_eq!(p.backends()[0].in_flight(), 2, "load carried over");
     let l3 = lease_now(&p, Class::Read).expect("one more fits under 3");
     assert_eq!(lease_now(&p, Class::Read).err(), Some(Shed::QueueFull));
@@ -394,11 +395,7 @@ async fn reload_keeps_in_flight_exact_when_max_connections_changes() {
     let held: Vec<Lease> = (0..3)
         .map(|_| lease_now(&p, Class::Read).expect("slot"))
         .collect();
-    p.reconfigure(
-        spec(vec![backend("a", 1, Some(1), false)], 0),
-        &m,
-        Upstream::new,
-    );
+    reload(&p, spec(vec![backend("a", 1, Some(1), false)], 0), &m);
     assert_eq!(lease_now(&p, Class::Read).err(), Some(Shed::QueueFull));
     drop(held);
     assert!(lease_now(&p, Class::Read).is_ok());
@@ -407,15 +404,12 @@ async fn reload_keeps_in_flight_exact_when_max_connections_changes() {
 #[tokio::test(start_paused = true)]
 async fn waiters_keep_their_place_and_more_capacity_serves_them_at_once() {
     let m = metrics();
-    let p = Arc::new(Pool::new(
-        spec(vec![backend("a", 1, Some(1), false)], 8),
-        &m,
-        Upstream::new,
-    ));
+    let p = build(spec(vec![backend("a", 1, Some(1), false)], 8), &m);
     let _busy = lease_now(&p, Class::Read).expect("slot");
     let w1 = waiter(&p, Class::Read, 1).await;
     let w2 = waiter(&p, Class::Read, 2).await;
-    p.reconfigure(
+    reload(
+        &p,
         spec(
             vec![
                 backend("a", 1, Some(1), false),
@@ -424,7 +418,6 @@ async fn waiters_keep_their_place_and_more_capacity_serves_them_at_once() {
             8,
         ),
         &m,
-        Upstream::new,
     );
     // b's one slot goes to the first waiter; the second keeps waiting.
     let (tag, r) = w1.await.expect("join");
@@ -442,7 +435,7 @@ async fn waiters_keep_their_place_and_more_capacity_serves_them_at_once() {
 #[tokio::test(start_paused = true)]
 async fn new_weight_applies_to_the_next_pick_and_positions_are_kept() {
     let m = metrics();
-    let p = Arc::new(Pool::new(
+    let p = build(
         spec(
             vec![
                 backend("vm", 11, None, false),
@@ -451,14 +444,14 @@ async fn new_weight_applies_to_the_next_pick_and_positions_are_kept() {
             0,
         ),
         &m,
-        Upstream::new,
-    ));
+    );
     let first: Vec<String> = (0..6)
         .map(|_| name(&lease_now(&p, Class::Read).expect("l")).to_owned())
         .collect();
     assert!(first.iter().all(|n| n == "vm"));
     // Drain the Pi: the very next pick, and all after, go to the VM.
-    p.reconfigure(
+    reload(
+        &p,
         spec(
             vec![
                 backend("vm", 11, None, false),
@@ -467,13 +460,13 @@ async fn new_weight_applies_to_the_next_pick_and_positions_are_kept() {
             0,
         ),
         &m,
-        Upstream::new,
     );
     for _ in 0..24 {
         assert_eq!(name(&lease_now(&p, Class::Read).expect("l")), "vm");
     }
     // Weights back, in another order: state follows names, not positions.
-    p.reconfigure(
+    reload(
+        &p,
         spec(
             vec![
                 backend("pi", 1, None, false),
@@ -482,7 +475,6 @@ async fn new_weight_applies_to_the_next_pick_and_positions_are_kept() {
             0,
         ),
         &m,
-        Upstream::new,
     );
     let picks: Vec<String> = (0..120)
         .map(|_| name(&lease_now(&p, Class::Read).expect("l")).to_owned())
@@ -494,21 +486,16 @@ async fn new_weight_applies_to_the_next_pick_and_positions_are_kept() {
 #[tokio::test(start_paused = true)]
 async fn a_removed_back_end_drains() {
     let m = metrics();
-    let p = Arc::new(Pool::new(
+    let p = build(
         spec(
             vec![backend("a", 1, None, false), backend("b", 1, None, false)],
             0,
         ),
         &m,
-        Upstream::new,
-    ));
+    );
     let on_a = lease_now(&p, Class::Read).expect("a");
     assert_eq!(name(&on_a), "a");
-    p.reconfigure(
-        spec(vec![backend("b", 1, None, false)], 0),
-        &m,
-        Upstream::new,
-    );
+    reload(&p, spec(vec![backend("b", 1, None, false)], 0), &m);
     for _ in 0..5 {
         assert_eq!(name(&lease_now(&p, Class::Read).expect("b")), "b");
     }
@@ -525,25 +512,13 @@ async fn a_removed_back_end_drains() {
 #[tokio::test(start_paused = true)]
 async fn draining_everything_sheds_waiters_and_the_switch_outlives_reloads() {
     let m = metrics();
-    let p = Arc::new(Pool::new(
-        spec(vec![backend("a", 1, Some(1), false)], 8),
-        &m,
-        Upstream::new,
-    ));
+    let p = build(spec(vec![backend("a", 1, Some(1), false)], 8), &m);
     let _busy = lease_now(&p, Class::Read).expect("slot");
     let w = waiter(&p, Class::Read, 0).await;
-    p.reconfigure(
-        spec(vec![backend("a", 0, Some(1), false)], 8),
-        &m,
-        Upstream::new,
-    );
+    reload(&p, spec(vec![backend("a", 0, Some(1), false)], 8), &m);
     assert_eq!(w.await.expect("join").1.err(), Some(Shed::NoBackend));
     p.set_maintenance(true);
-    p.reconfigure(
-        spec(vec![backend("a", 1, None, false)], 8),
-        &m,
-        Upstream::new,
-    );
+    reload(&p, spec(vec![backend("a", 1, None, false)], 8), &m);
     assert_eq!(lease_now(&p, Class::Read).err(), Some(Shed::Manual));
     p.set_maintenance(false);
     assert!(lease_now(&p, Class::Read).is_ok());
