@@ -7,9 +7,17 @@
 //! every exit path) and the upstream connection, which goes back to the keep-alive
 //! pool only when the body was read to its end (a connection whose response was cut
 //! short is never reused).
+//!
+//! Request bodies from clients are [`ClientBody`]: the stream with the body limits of
+//! `[limits]` (`body_timeout`, the longest pause between two reads, and
+//! `max_body_bytes`). Either one ends the body with a [`BodyError`], which aborts the
+//! request to the back end mid-stream (it never sees a complete request) and is
+//! answered `408`/`413` when no answer started yet.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body::{Frame, SizeHint};
@@ -17,6 +25,110 @@ use hyper::body::Incoming;
 
 use crate::pool::Lease;
 use crate::upstream::Checkin;
+
+/// Why a body stream ended early.
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    #[error(transparent)]
+    Hyper(#[from] hyper::Error),
+    /// The client's body could not be read (bad chunked framing, connection lost).
+    #[error("reading the request body: {0}")]
+    Client(hyper::Error),
+    /// The client paused longer than `body_timeout`.
+    #[error("no request body bytes for {0:?}")]
+    Timeout(Duration),
+    /// The client sent more than `max_body_bytes`.
+    #[error("request body larger than {0} bytes")]
+    TooLarge(u64),
+}
+
+impl BodyError {
+    /// The client-body error somewhere in `err`'s chain of sources, if any.
+    pub fn find<'a>(err: &'a (dyn std::error::Error + 'static)) -> Option<&'a BodyError> {
+        let mut at: Option<&(dyn std::error::Error + 'static)> = Some(err);
+        while let Some(e) = at {
+            if let Some(b) = e.downcast_ref::<BodyError>() {
+                if !matches!(b, BodyError::Hyper(_)) {
+                    return Some(b);
+                }
+            }
+            at = e.source();
+        }
+        None
+    }
+}
+
+/// A client's request body with the `[limits]` body limits.
+#[derive(Debug)]
+pub struct ClientBody {
+    inner: Incoming,
+    read: u64,
+    max: Option<u64>,
+    timeout: Duration,
+    /// Armed when a read blocks; re-armed only after progress (no clock read per frame).
+    sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+    progressed: bool,
+}
+
+impl ClientBody {
+    pub fn new(inner: Incoming, timeout: Duration, max: Option<u64>) -> Self {
+        ClientBody {
+            inner,
+            read: 0,
+            max,
+            timeout,
+            sleep: None,
+            progressed: false,
+        }
+    }
+}
+
+impl http_body::Body for ClientBody {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        let this = self.get_mut();
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                this.read += frame.data_ref().map_or(0, |d| d.len() as u64);
+                if let Some(max) = this.max.filter(|&m| this.read > m) {
+                    return Poll::Ready(Some(Err(BodyError::TooLarge(max))));
+                }
+                this.progressed = true;
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(BodyError::Client(e)))),
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => {
+                let at = tokio::time::Instant::now;
+                match &mut this.sleep {
+                    Some(s) if this.progressed => s.as_mut().reset(at() + this.timeout),
+                    Some(_) => {}
+                    None => this.sleep = Some(Box::pin(tokio::time::sleep(this.timeout))),
+                }
+                this.progressed = false;
+                match this.sleep.as_mut().map(|s| s.as_mut().poll(cx)) {
+                    Some(Poll::Ready(())) => {
+                        Poll::Ready(Some(Err(BodyError::Timeout(this.timeout))))
+                    }
+                    _ => Poll::Pending,
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
 
 /// A request or response body.
 #[derive(Debug, Default)]
@@ -30,8 +142,10 @@ pub enum Body {
     /// first, then the rest of the stream.
     Prefetched {
         frames: std::collections::VecDeque<Frame<Bytes>>,
-        inner: Incoming,
+        inner: ClientBody,
     },
+    /// A client's request body, not read ahead.
+    Client(ClientBody),
     /// A body streamed from a peer.
     Streaming {
         inner: Incoming,
@@ -58,9 +172,9 @@ impl Body {
     }
 
     /// A request body of which `frames` were already read from `inner`.
-    pub fn prefetched(frames: std::collections::VecDeque<Frame<Bytes>>, inner: Incoming) -> Self {
+    pub fn prefetched(frames: std::collections::VecDeque<Frame<Bytes>>, inner: ClientBody) -> Self {
         if frames.is_empty() {
-            Body::incoming(inner)
+            Body::Client(inner)
         } else {
             Body::Prefetched { frames, inner }
         }
@@ -93,12 +207,12 @@ impl Body {
 
 impl http_body::Body for Body {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BodyError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         match self.get_mut() {
             Body::Empty => Poll::Ready(None),
             Body::Full(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
@@ -106,6 +220,7 @@ impl http_body::Body for Body {
                 Some(f) => Poll::Ready(Some(Ok(f))),
                 None => Pin::new(inner).poll_frame(cx),
             },
+            Body::Client(inner) => Pin::new(inner).poll_frame(cx),
             Body::Streaming {
                 inner,
                 checkin,
@@ -134,7 +249,7 @@ impl http_body::Body for Body {
                     }
                     _ => {}
                 }
-                polled
+                polled.map_err(BodyError::from)
             }
         }
     }
@@ -144,6 +259,7 @@ impl http_body::Body for Body {
             Body::Empty => true,
             Body::Full(data) => data.is_none(),
             Body::Prefetched { frames, inner } => frames.is_empty() && inner.is_end_stream(),
+            Body::Client(inner) => inner.is_end_stream(),
             Body::Streaming { inner, .. } => inner.is_end_stream(),
         }
     }
@@ -167,6 +283,7 @@ impl http_body::Body for Body {
                 hint
             }
             Body::Streaming { inner, .. } => inner.size_hint(),
+            Body::Client(inner) => inner.size_hint(),
         }
     }
 }

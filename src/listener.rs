@@ -26,6 +26,8 @@ use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 
+use crate::config::LimitsSpec;
+use crate::conn::{ClientIo, Deadlines, InFlight, Track, Verdict};
 use crate::headers::{Forwarded, TlsInfo};
 use crate::proxy::Proxy;
 
@@ -82,9 +84,21 @@ pub mod h2_limits {
     pub const MAX_LOCAL_ERROR_RESET_STREAMS: usize = 256;
 }
 
+/// The answer to a connection beyond `max_connections` on a plain listener: written
+/// with one non-blocking write, no parsing, no allocation.
+const TOO_MANY_CONNECTIONS: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\n\
+Content-Length: 0\r\nRetry-After: 1\r\nX-Served-By: launchday\r\n\
+X-Launchday-Error: too_many_connections\r\n\r\n";
+
 /// Accepts connections on `listener` until `stop` resolves, serving each with `proxy`.
 /// Connections are registered with `graceful` so that shutdown can drain them; the
 /// loop drops its handle on `graceful` when it returns.
+///
+/// A connection beyond the listener's `max_connections` (counted over all its bind
+/// addresses) is refused at once: a plain listener writes a fixed `503` and closes,
+/// a TLS listener just closes. Accepting and refusing (rather than leaving it in the
+/// backlog) keeps the backlog moving and tells the client; the open connections are
+/// not touched.
 pub async fn serve(
     listener: Arc<TcpListener>,
     proxy: Arc<Proxy>,
@@ -93,6 +107,7 @@ pub async fn serve(
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     let opts = Arc::new(opts);
+    let counts = proxy.metrics().listener(&opts.listener);
     loop {
         let accepted = tokio::select! {
             biased;
@@ -107,21 +122,52 @@ pub async fn serve(
                 continue;
             }
         };
+        let max = proxy.live().snapshot.limits.max_connections;
+        if usize::try_from(counts.open.get()).unwrap_or(0) >= max {
+            counts.refused.inc();
+            if opts.tls.is_none() {
+                let _ = stream.try_write(TOO_MANY_CONNECTIONS);
+            }
+            continue;
+        }
         let _ = stream.set_nodelay(true);
         let watcher = graceful.watcher();
         let proxy = Arc::clone(&proxy);
         let opts = Arc::clone(&opts);
+        let open = OpenConnection::new(&counts.open);
+        let stop = stop.clone();
         tokio::spawn(async move {
-            if let Err(e) = connection(stream, peer, proxy, &opts, watcher).await {
+            let _open = open;
+            if let Err(e) = connection(stream, peer, proxy, &opts, watcher, stop).await {
                 tracing::debug!(%peer, error = %e, "client connection ended");
             }
         });
     }
 }
 
+/// Counts one open connection in the listener's gauge while it lives.
+struct OpenConnection(prometheus::IntGauge);
+
+impl OpenConnection {
+    fn new(gauge: &prometheus::IntGauge) -> Self {
+        gauge.inc();
+        OpenConnection(gauge.clone())
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
 /// Errors that end one client connection (logged at debug level).
 #[derive(Debug, thiserror::Error)]
 pub enum ConnError {
+    #[error("PROXY protocol header: {0}")]
+    ProxyProtocol(#[from] crate::proxy_protocol::ProxyProtocolError),
+    #[error("PROXY protocol header timed out")]
+    ProxyProtocolTimeout,
     #[error("TLS handshake: {0}")]
     Handshake(std::io::Error),
     #[error("TLS handshake timed out")]
@@ -131,21 +177,35 @@ pub enum ConnError {
 }
 
 async fn connection(
-    stream: TcpStream,
-    peer: SocketAddr,
+    mut stream: TcpStream,
+    mut peer: SocketAddr,
     proxy: Arc<Proxy>,
     opts: &ServeOptions,
     watcher: Watcher,
+    stop: tokio::sync::watch::Receiver<bool>,
 ) -> Result<(), ConnError> {
-    let peer_ip = peer.ip().to_canonical();
-    let (header_timeout, trusted) = {
+    let (limits, proxy_protocol) = {
         let live = proxy.live();
         let s = &live.snapshot;
-        (
-            s.limits.header_timeout,
-            s.trusted_proxies.iter().any(|n| n.contains(&peer_ip)),
-        )
+        let listener = s.listeners.iter().find(|l| *l.name == *opts.listener);
+        (s.limits.clone(), listener.is_some_and(|l| l.proxy_protocol))
     };
+    if proxy_protocol {
+        // The TCP load balancer in front speaks first; its header names the client.
+        let read = crate::proxy_protocol::read_header(&mut stream);
+        let header = match tokio::time::timeout(limits.header_timeout, read).await {
+            Ok(h) => h?,
+            Err(_) => return Err(ConnError::ProxyProtocolTimeout),
+        };
+        peer = header.client(peer);
+    }
+    let peer_ip = peer.ip().to_canonical();
+    let trusted = proxy
+        .live()
+        .snapshot
+        .trusted_proxies
+        .iter()
+        .any(|n| n.contains(&peer_ip));
     let mut fwd = Forwarded {
         peer: peer_ip,
         // An IP address always formats as a valid header value.
@@ -156,10 +216,16 @@ async fn connection(
         listener: Arc::clone(&opts.listener),
         tls: None,
     };
-    let Some(acceptor) = &opts.tls else {
-        return serve_http1(TokioIo::new(stream), proxy, fwd, header_timeout, watcher).await;
+    let deadlines = Deadlines {
+        header_timeout: limits.header_timeout,
+        idle_timeout: limits.idle_timeout,
     };
-    let tls = match tokio::time::timeout(header_timeout, acceptor.accept(stream)).await {
+    let Some(acceptor) = &opts.tls else {
+        let errors = Some(Arc::clone(proxy.unrouted()));
+        let io = ClientIo::new(stream, Track::counting(deadlines, errors));
+        return serve_http1(io, proxy, fwd, &limits, watcher).await;
+    };
+    let tls = match tokio::time::timeout(limits.header_timeout, acceptor.accept(stream)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => return Err(ConnError::Handshake(e)),
         Err(_) => return Err(ConnError::HandshakeTimeout),
@@ -171,13 +237,43 @@ async fn connection(
         sni: session.server_name().map(Box::from),
     });
     if !h2 {
-        return serve_http1(TokioIo::new(tls), proxy, fwd, header_timeout, watcher).await;
+        let errors = Some(Arc::clone(proxy.unrouted()));
+        let io = ClientIo::new(tls, Track::counting(deadlines, errors));
+        return serve_http1(io, proxy, fwd, &limits, watcher).await;
     }
+    serve_h2(tls, proxy, fwd, &limits, watcher, stop).await
+}
+
+/// Serves HTTP/2 on a TLS connection. The connection counts in graceful shutdown by
+/// holding `watcher`; it gets GOAWAY (finishing the streams it has) when `stop` says
+/// the listener stops, or when no stream was open for `idle_timeout`.
+async fn serve_h2<I>(
+    io: I,
+    proxy: Arc<Proxy>,
+    fwd: Forwarded,
+    limits: &LimitsSpec,
+    watcher: Watcher,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> Result<(), ConnError>
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let _watcher = watcher;
     let fwd = Arc::new(fwd);
+    let track = Track::new(Deadlines {
+        header_timeout: limits.header_timeout,
+        idle_timeout: limits.idle_timeout,
+    });
+    let streams = Arc::clone(&track);
     let svc = service_fn(move |req| {
         let proxy = Arc::clone(&proxy);
         let fwd = Arc::clone(&fwd);
-        async move { Ok::<_, Infallible>(proxy.handle(req, &fwd).await) }
+        streams.begin();
+        let stream = InFlight(Arc::clone(&streams));
+        async move {
+            let _stream = stream;
+            Ok::<_, Infallible>(proxy.handle(req, &fwd, Verdict::default()).await)
+        }
     });
     let conn = http2::Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())
@@ -185,38 +281,74 @@ async fn connection(
         .max_header_list_size(h2_limits::MAX_HEADER_LIST_SIZE)
         .max_pending_accept_reset_streams(h2_limits::MAX_PENDING_ACCEPT_RESET_STREAMS)
         .max_local_error_reset_streams(h2_limits::MAX_LOCAL_ERROR_RESET_STREAMS)
-        .serve_connection(TokioIo::new(tls), svc);
-    Ok(watcher.watch(conn).await?)
+        .serve_connection(TokioIo::new(io), svc);
+    tokio::pin!(conn);
+    let idle = limits.idle_timeout;
+    let mut draining = false;
+    loop {
+        let idle_at = track.idle_since().map(|since| since + idle);
+        let wake = idle_at.unwrap_or_else(|| tokio::time::Instant::now() + idle);
+        tokio::select! {
+            r = conn.as_mut() => return Ok(r?),
+            r = stop.wait_for(|stopped| *stopped), if !draining => {
+                // A closed channel means the server is gone: drain too.
+                let _ = r;
+                conn.as_mut().graceful_shutdown();
+                draining = true;
+            }
+            _ = tokio::time::sleep_until(wake), if !draining => {
+                let expired = track
+                    .idle_since()
+                    .is_some_and(|since| since + idle <= tokio::time::Instant::now());
+                if expired {
+                    conn.as_mut().graceful_shutdown();
+                    draining = true;
+                }
+            }
+        }
+    }
 }
 
 async fn serve_http1<I>(
-    io: TokioIo<I>,
+    io: ClientIo<I>,
     proxy: Arc<Proxy>,
     fwd: Forwarded,
-    header_timeout: Duration,
+    limits: &LimitsSpec,
     watcher: Watcher,
 ) -> Result<(), ConnError>
 where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let fwd = Arc::new(fwd);
+    let track = Arc::clone(io.track());
     let first = Arc::new(tokio::sync::Notify::new());
     let seen = Arc::clone(&first);
     let svc = service_fn(move |req| {
+        let verdict = track.begin();
+        let request = InFlight(Arc::clone(&track));
         seen.notify_one();
         let proxy = Arc::clone(&proxy);
         let fwd = Arc::clone(&fwd);
-        async move { Ok::<_, Infallible>(proxy.handle(req, &fwd).await) }
+        async move {
+            let _request = request;
+            Ok::<_, Infallible>(proxy.handle(req, &fwd, verdict).await)
+        }
     });
+    // Deadlines are [`ClientIo`]'s (hyper's own head timer is off: it cannot tell an
+    // idle keep-alive connection from a slow head). Header count and size limits are
+    // hyper's, answered 431; the read buffer is no larger than the head limit.
     // writev(false): hyper copies head and body into one buffer and writes it with one
     // `write`, rather than a `writev` of several slices: 13 % more maintenance pages
     // per second on one core (BENCHMARKS.md, "Write strategy").
     let mut conn = http1::Builder::new()
         .timer(TokioTimer::new())
-        .header_read_timeout(header_timeout)
+        .header_read_timeout(None)
+        .max_headers(limits.max_headers)
+        .max_header_size(limits.max_header_bytes)
+        .max_buf_size(limits.max_header_bytes.max(8192))
         .keep_alive(true)
         .writev(false)
-        .serve_connection(io, svc);
+        .serve_connection(TokioIo::new(io), svc);
     // Until its first request arrives, a fresh connection holds the watcher (so a
     // shutdown waits for it) but is not told to shut down: hyper would close it
     // unread, and the client's request may already be in the socket buffer (a

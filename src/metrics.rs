@@ -47,6 +47,17 @@ pub struct Metrics {
     health_checks: IntCounterVec,
     retries: IntCounterVec,
     access_log_dropped: IntCounter,
+    connections: IntGaugeVec,
+    connections_refused: IntCounterVec,
+}
+
+/// The connection metrics of one listener.
+#[derive(Clone)]
+pub struct ListenerMetrics {
+    /// Open client connections (also the count `max_connections` is checked against).
+    pub open: IntGauge,
+    /// Connections refused at `max_connections`.
+    pub refused: IntCounter,
 }
 
 impl Metrics {
@@ -148,6 +159,20 @@ impl Metrics {
             "launchday_access_log_dropped_total",
             "Access-log lines dropped because the writer could not keep up.",
         )?;
+        let connections = IntGaugeVec::new(
+            Opts::new(
+                "launchday_connections",
+                "Open client connections, by listener.",
+            ),
+            &["listener"],
+        )?;
+        let connections_refused = IntCounterVec::new(
+            Opts::new(
+                "launchday_connections_refused_total",
+                "Client connections refused because the listener was at max_connections.",
+            ),
+            &["listener"],
+        )?;
         let build_info = IntGaugeVec::new(
             Opts::new(
                 "launchday_build_info",
@@ -166,6 +191,8 @@ impl Metrics {
         for c in [
             Box::new(build_info) as Box<dyn prometheus::core::Collector>,
             Box::new(access_log_dropped.clone()),
+            Box::new(connections.clone()),
+            Box::new(connections_refused.clone()),
             Box::new(backend_up.clone()),
             Box::new(health_checks.clone()),
             Box::new(retries.clone()),
@@ -199,7 +226,18 @@ impl Metrics {
             health_checks,
             retries,
             access_log_dropped,
+            connections,
+            connections_refused,
         })
+    }
+
+    /// The connection metrics of the listener `name` (the same handles for every
+    /// bind address of a listener, so its limit covers all of them).
+    pub fn listener(&self, name: &str) -> ListenerMetrics {
+        ListenerMetrics {
+            open: self.connections.with_label_values(&[name]),
+            refused: self.connections_refused.with_label_values(&[name]),
+        }
     }
 
     /// The registry (for families registered by other modules).

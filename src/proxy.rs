@@ -18,15 +18,18 @@ use hyper::body::Incoming;
 use parking_lot::Mutex;
 
 use crate::accesslog::{AccessLog, Entry, Facts};
-use crate::body::Body;
+use crate::body::{Body, BodyError, ClientBody};
 use crate::config::{AccessLogSpec, Class, ListenerSpec, Snapshot};
+use crate::conn::Verdict;
 use crate::headers::{self, Forwarded, X_LAUNCHDAY_ERROR, X_SERVED_BY};
 use crate::maintenance::{MaintenancePage, BEACON_PATH};
 use crate::metrics::{CodeCounters, Metrics};
 use crate::pool::Pool;
 use crate::route::{strip_port, Router};
+use crate::strict::{self, Reject};
 use crate::tls::certs;
 use crate::upstream::{Failed, Upstream, UpstreamError};
+use crate::upstream_io::UpstreamTimeouts;
 
 /// What a request needs from the configuration, built once per snapshot.
 pub struct Live {
@@ -44,7 +47,7 @@ pub struct Live {
 pub struct Proxy {
     live: ArcSwap<Live>,
     metrics: Metrics,
-    unrouted: CodeCounters,
+    unrouted: Arc<CodeCounters>,
     /// Connection pools by back-end address, shared by pools and kept across reloads.
     upstreams: Mutex<HashMap<SocketAddr, Arc<Upstream>>>,
     /// Pools by name, kept across reloads (queues, estimates, back-end loads).
@@ -59,7 +62,7 @@ static TEXT_PLAIN: HeaderValue = HeaderValue::from_static("text/plain; charset=u
 impl Proxy {
     /// A handler serving `snapshot`.
     pub fn new(snapshot: Arc<Snapshot>, metrics: Metrics) -> Arc<Self> {
-        let unrouted = metrics.unrouted();
+        let unrouted = Arc::new(metrics.unrouted());
         let proxy = Proxy {
             live: ArcSwap::from_pointee(Live {
                 access_log: None,
@@ -82,6 +85,11 @@ impl Proxy {
     /// The metrics this handler counts into.
     pub fn metrics(&self) -> &Metrics {
         &self.metrics
+    }
+
+    /// The counters of answers that belong to no pool (`pool="-"`).
+    pub fn unrouted(&self) -> &Arc<CodeCounters> {
+        &self.unrouted
     }
 
     /// The live state now.
@@ -160,8 +168,14 @@ impl Proxy {
         }
     }
 
-    /// Handles one request from a client.
-    pub async fn handle(&self, req: Request<Incoming>, fwd: &Forwarded) -> Response<Body> {
+    /// Handles one request from a client. `verdict`: what the raw scan of its head
+    /// found (HTTP/1; default for HTTP/2).
+    pub async fn handle(
+        &self,
+        req: Request<Incoming>,
+        fwd: &Forwarded,
+        verdict: Verdict,
+    ) -> Response<Body> {
         let live = self.live.load_full();
         let listener = live
             .snapshot
@@ -172,7 +186,14 @@ impl Proxy {
         // Only with an access log: what the line needs from the request itself.
         let head = live.access_log.as_ref().map(|_| RequestHead::of(&req));
         let mut facts = Facts::default();
-        let mut resp = self.respond(&live, listener, req, fwd, &mut facts).await;
+        let mut resp = match strict::check(&req, verdict, &live.snapshot.limits) {
+            Ok(()) => self.respond(&live, listener, req, fwd, &mut facts).await,
+            Err(reject) => {
+                let resp = refuse(reject);
+                self.unrouted.inc(resp.status());
+                resp
+            }
+        };
         if fwd.tls.is_some() {
             if let Some(hsts) = listener
                 .and_then(|l| l.tls.as_ref())
@@ -243,14 +264,21 @@ impl Proxy {
         let start = Instant::now();
         let (parts, incoming) = req.into_parts();
         let (acquired, body) = if http_body::Body::is_end_stream(&incoming) {
-            (pool.acquire(class).await, Body::incoming(incoming))
+            (pool.acquire(class).await, Body::Empty)
         } else {
+            let limits = &live.snapshot.limits;
+            let incoming = ClientBody::new(incoming, limits.body_timeout, limits.max_body_bytes);
             match acquire_watching_body(pool, class, incoming).await {
                 Ok(done) => done,
-                Err(()) => {
-                    // The client went away while queued: it left the queue; nobody
-                    // is there to read an answer.
-                    return local(StatusCode::BAD_REQUEST, "client_closed", "Client closed.\n");
+                Err(e) => {
+                    let resp = match BodyError::find(&e) {
+                        Some(b) => refuse(body_reject(b)),
+                        // The client went away while queued: it left the queue;
+                        // nobody is there to read an answer.
+                        None => local(StatusCode::BAD_REQUEST, "client_closed", "Client closed.\n"),
+                    };
+                    pool.metrics.local.inc(resp.status());
+                    return resp;
                 }
             }
         };
@@ -258,7 +286,15 @@ impl Proxy {
             facts.queue = Some(start.elapsed());
         }
         let resp = match acquired {
-            Ok(lease) => forward(parts, body, lease, fwd, class, facts).await,
+            Ok(lease) => {
+                let l = &live.snapshot.limits;
+                let timeouts = UpstreamTimeouts {
+                    connect: l.upstream_connect_timeout,
+                    read: l.upstream_read_timeout,
+                    write: l.upstream_write_timeout,
+                };
+                forward(parts, body, lease, fwd, class, facts, timeouts).await
+            }
             Err(shed) => {
                 facts.shed = Some(shed.reason());
                 pool.metrics.shed(shed, class);
@@ -403,8 +439,8 @@ pub const PREFETCH_LIMIT: usize = 256 * 1024;
 async fn acquire_watching_body(
     pool: &Arc<Pool>,
     class: Class,
-    mut incoming: Incoming,
-) -> Result<(Result<crate::pool::Lease, crate::pool::Shed>, Body), ()> {
+    mut incoming: ClientBody,
+) -> Result<(Result<crate::pool::Lease, crate::pool::Shed>, Body), BodyError> {
     use http_body_util::BodyExt;
     let acquire = pool.acquire(class);
     tokio::pin!(acquire);
@@ -421,7 +457,7 @@ async fn acquire_watching_body(
                     frames.push_back(frame);
                 }
                 None => ended = true,
-                Some(Err(_)) => return Err(()),
+                Some(Err(e)) => return Err(e),
             },
         }
     };
@@ -440,6 +476,7 @@ async fn forward(
     fwd: &Forwarded,
     class: Class,
     facts: &mut Facts,
+    timeouts: UpstreamTimeouts,
 ) -> Response<Body> {
     headers::rewrite_request(&mut parts.headers, fwd, &lease.backend().spec.address_text);
     // Back ends get origin-form targets; absolute-form was routed on its authority.
@@ -464,7 +501,7 @@ async fn forward(
     loop {
         let backend = lease.backend();
         let sent = Instant::now();
-        let result = backend.upstream.send(req).await;
+        let result = backend.upstream.send(req, timeouts).await;
         if facts.pool.is_some() {
             facts.backend = Some(backend.name_arc());
             facts.upstream = Some(sent.elapsed());
@@ -478,17 +515,33 @@ async fn forward(
                 return Response::from_parts(parts, Body::upstream(body, checkin, lease));
             }
             Err(Failed { error, retry }) => {
+                if let Some(b) = BodyError::find(&error) {
+                    // The client's body broke off (too slow, too big): not the back
+                    // end's fault, and not to be retried.
+                    let resp = refuse(body_reject(b));
+                    backend.metrics.requests.inc(resp.status());
+                    return resp;
+                }
                 pool.passive_result(backend, false);
                 let code = error.code();
                 let retry = retry.filter(|_| tries_left > 0);
+                let timed_out = timed_out(&error);
                 tracing::warn!(pool = %pool.name(), backend = %backend.spec.name, error = %error,
                     retrying = retry.is_some(), "forwarding failed");
                 let Some(again) = retry else {
-                    let resp = local(
-                        StatusCode::BAD_GATEWAY,
-                        code,
-                        "The back end could not answer.\n",
-                    );
+                    let resp = if timed_out {
+                        local(
+                            StatusCode::GATEWAY_TIMEOUT,
+                            "upstream_timeout",
+                            "The back end did not answer in time.\n",
+                        )
+                    } else {
+                        local(
+                            StatusCode::BAD_GATEWAY,
+                            code,
+                            "The back end could not answer.\n",
+                        )
+                    };
                     backend.metrics.requests.inc(resp.status());
                     return resp;
                 };
@@ -518,6 +571,23 @@ async fn forward(
     }
 }
 
+/// Whether an upstream failure was a pause limit (`upstream_*_timeout`).
+fn timed_out(err: &UpstreamError) -> bool {
+    if matches!(err, UpstreamError::ConnectTimeout { .. }) {
+        return true;
+    }
+    let mut at: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(e) = at {
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            if io.kind() == std::io::ErrorKind::TimedOut {
+                return true;
+            }
+        }
+        at = e.source();
+    }
+    false
+}
+
 /// The host a request is for: the URI's authority (HTTP/2, absolute-form) or `Host`.
 fn request_host<B>(req: &Request<B>) -> Option<&str> {
     if let Some(a) = req.uri().authority() {
@@ -526,6 +596,31 @@ fn request_host<B>(req: &Request<B>) -> Option<&str> {
     req.headers()
         .get(header::HOST)
         .and_then(|h| h.to_str().ok())
+}
+
+/// The answer to a refused request; the connection closes after it.
+fn refuse(reject: Reject) -> Response<Body> {
+    let mut resp = local(reject.status, reject.code, reject.text);
+    resp.headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    resp
+}
+
+/// The refusal for a request body cut by a limit.
+fn body_reject(e: &BodyError) -> Reject {
+    match e {
+        BodyError::TooLarge(_) => strict::too_large(),
+        BodyError::Client(_) | BodyError::Hyper(_) => Reject {
+            status: StatusCode::BAD_REQUEST,
+            code: "bad_request_body",
+            text: "The request body could not be read.\n",
+        },
+        BodyError::Timeout(_) => Reject {
+            status: StatusCode::REQUEST_TIMEOUT,
+            code: "body_timeout",
+            text: "The request body stopped arriving.\n",
+        },
+    }
 }
 
 /// A locally generated answer.

@@ -27,9 +27,11 @@ use parking_lot::Mutex;
 use tokio::net::TcpStream;
 
 use crate::body::Body;
+use crate::upstream_io::{Activity, UpstreamIo, UpstreamTimeouts};
 
-/// How long dialling a back end may take before the request fails with 502.
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// A connection's request handle and its pause-limit state.
+type Conn = (SendRequest<Body>, Arc<Activity>);
+
 /// Idle connections kept per back end; more are closed when they come back.
 pub const MAX_IDLE_PER_BACKEND: usize = 4096;
 
@@ -100,7 +102,7 @@ pub struct Failed {
 #[derive(Debug)]
 pub struct Upstream {
     addr: SocketAddr,
-    idle: Mutex<Vec<SendRequest<Body>>>,
+    idle: Mutex<Vec<Conn>>,
 }
 
 /// A connection lent to one request; see [`Checkin::reuse`].
@@ -108,19 +110,22 @@ pub struct Upstream {
 pub struct Checkin {
     upstream: Arc<Upstream>,
     /// Always `Some` until taken by `reuse`.
-    sender: Option<SendRequest<Body>>,
+    sender: Option<Conn>,
 }
 
 impl Checkin {
     /// Returns the connection to the idle stack (its response was read to the end).
     pub fn reuse(self) {
-        let Some(sender) = self.sender else { return };
+        let Some((sender, activity)) = self.sender else {
+            return;
+        };
+        activity.end();
         if sender.is_closed() {
             return;
         }
         let mut idle = self.upstream.idle.lock();
         if idle.len() < MAX_IDLE_PER_BACKEND {
-            idle.push(sender);
+            idle.push((sender, activity));
         }
     }
 }
@@ -144,11 +149,12 @@ impl Upstream {
         self.idle.lock().len()
     }
 
-    /// Sends `req` (origin-form URI, headers already rewritten) and returns the
-    /// response head with the connection to check in when its body is done.
+    /// Sends `req` (origin-form URI, headers already rewritten) under `timeouts` and
+    /// returns the response head with the connection to check in when its body is done.
     pub async fn send(
         self: &Arc<Self>,
         mut req: Request<Body>,
+        timeouts: UpstreamTimeouts,
     ) -> Result<(Response<Incoming>, Checkin), Failed> {
         // A copy to resend if a connection dies before answering: only for requests
         // that are safe to send twice (idempotent, no body).
@@ -157,15 +163,18 @@ impl Upstream {
         // back end closed under us hands the request back unsent, and we go on.
         loop {
             let popped = self.idle.lock().pop();
-            let Some(mut sender) = popped else { break };
+            let Some((mut sender, activity)) = popped else {
+                break;
+            };
             if sender.is_closed() {
                 continue;
             }
             if !sender.is_ready() && sender.ready().await.is_err() {
                 continue;
             }
+            activity.begin(timeouts);
             match sender.try_send_request(req).await {
-                Ok(resp) => return Ok((resp, self.checkin(sender))),
+                Ok(resp) => return Ok((resp, self.checkin((sender, activity)))),
                 Err(mut e) => match e.take_message() {
                     Some(unsent) => req = unsent,
                     None => {
@@ -193,7 +202,7 @@ impl Upstream {
                 },
             }
         }
-        let mut sender = match self.connect().await {
+        let (mut sender, activity) = match self.connect(timeouts.connect).await {
             Ok(s) => s,
             // Nothing was sent: the request itself may go elsewhere.
             Err(error) => {
@@ -203,8 +212,9 @@ impl Upstream {
                 })
             }
         };
+        activity.begin(timeouts);
         match sender.try_send_request(req).await {
-            Ok(resp) => Ok((resp, self.checkin(sender))),
+            Ok(resp) => Ok((resp, self.checkin((sender, activity)))),
             Err(mut e) => {
                 let unsent = e.take_message();
                 Err(Failed {
@@ -218,29 +228,26 @@ impl Upstream {
         }
     }
 
-    fn checkin(self: &Arc<Self>, sender: SendRequest<Body>) -> Checkin {
+    fn checkin(self: &Arc<Self>, sender: Conn) -> Checkin {
         Checkin {
             upstream: Arc::clone(self),
             sender: Some(sender),
         }
     }
 
-    async fn connect(&self) -> Result<SendRequest<Body>, UpstreamError> {
+    async fn connect(&self, timeout: Duration) -> Result<Conn, UpstreamError> {
         let addr = self.addr;
-        let stream = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
+        let stream = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
             Ok(Ok(s)) => s,
             Ok(Err(source)) => return Err(UpstreamError::Connect { addr, source }),
-            Err(_) => {
-                return Err(UpstreamError::ConnectTimeout {
-                    addr,
-                    timeout: CONNECT_TIMEOUT,
-                })
-            }
+            Err(_) => return Err(UpstreamError::ConnectTimeout { addr, timeout }),
         };
         // Requests are small writes that must leave at once.
         let _ = stream.set_nodelay(true);
+        let activity = Arc::new(Activity::default());
+        let io = UpstreamIo::new(stream, Arc::clone(&activity));
         let (sender, conn) = http1::Builder::new()
-            .handshake(TokioIo::new(stream))
+            .handshake(TokioIo::new(io))
             .await
             .map_err(|source| UpstreamError::Handshake { addr, source })?;
         tokio::spawn(async move {
@@ -248,6 +255,6 @@ impl Upstream {
                 tracing::debug!(%addr, error = %e, "upstream connection ended");
             }
         });
-        Ok(sender)
+        Ok((sender, activity))
     }
 }

@@ -91,6 +91,9 @@ pub struct ListenerConfig {
     pub redirect_https: Option<bool>,
     /// `[listeners.tls]`: present = this listener speaks TLS. Default: plain HTTP.
     pub tls: Option<TlsConfig>,
+    /// `proxy_protocol`: every connection starts with a PROXY protocol v1 or v2 header
+    /// whose source address is the client's. Default `false`.
+    pub proxy_protocol: Option<bool>,
 }
 
 /// `[listeners.tls]`.
@@ -228,4 +231,26 @@ pub struct LimitsConfig {
     pub header_timeout: Option<String>,
     /// `idle_timeout`: keep-alive idle timeout (humantime, more than 0). Default `"60s"`.
     pub idle_timeout: Option<String>,
+    /// `body_timeout`: longest pause between two reads of a request body (humantime,
+    /// more than 0). Default `"60s"`.
+    pub body_timeout: Option<String>,
+    /// `max_headers`: header fields per request, 1 to 10000. Default `100`.
+    pub max_headers: Option<i64>,
+    /// `max_header_bytes`: request line and header fields, 1024 to 16 MiB. Default `65536`.
+    pub max_header_bytes: Option<i64>,
+    /// `max_uri_bytes`: request target length, 16 to 65534. Default `8192`.
+    pub max_uri_bytes: Option<i64>,
+    /// `max_body_bytes`: request body size; `0` = unlimited. Default `0`.
+    pub max_body_bytes: Option<i64>,
+    /// `max_connections`: open client connections per listener, at least 1. Default `10000`.
+    pub max_connections: Option<i64>,
+    /// `upstream_connect_timeout`: connecting to a back end (humantime, more than 0).
+    /// Default `"5s"`.
+    pub upstream_connect_timeout: Option<String>,
+    /// `upstream_read_timeout`: waiting for a back end's response head, and longest
+    /// pause in its body (humantime, more than 0). Default `"60s"`.
+    pub upstream_read_timeout: Option<String>,
+    /// `upstream_write_timeout`: longest pause while sending a request to a back end
+    /// (humantime, more than 0). Default `"60s"`.
+    pub upstream_write_timeout: Option<String>,
 }

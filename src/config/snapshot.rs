@@ -83,6 +83,8 @@ pub struct ListenerSpec {
     pub redirect_https: bool,
     /// TLS settings; `None` = plain HTTP.
     pub tls: Option<TlsSpec>,
+    /// Connections start with a PROXY protocol header naming the client.
+    pub proxy_protocol: bool,
 }
 
 /// `[listeners.tls]`: certificates (loaded and checked), default, HSTS.
@@ -205,4 +207,41 @@ pub struct LimitsSpec {
     pub header_timeout: Duration,
     /// Keep-alive idle timeout (default 60s).
     pub idle_timeout: Duration,
+    /// Longest pause between two reads of a request body (default 60s).
+    pub body_timeout: Duration,
+    /// Header fields per request (default 100).
+    pub max_headers: usize,
+    /// Request line plus header fields, bytes (default 64 KiB).
+    pub max_header_bytes: usize,
+    /// Request target length, bytes (default 8 KiB).
+    pub max_uri_bytes: usize,
+    /// Request body size; `None` = unlimited (default).
+    pub max_body_bytes: Option<u64>,
+    /// Open client connections per listener (default 10000).
+    pub max_connections: usize,
+    /// Connecting to a back end (default 5s).
+    pub upstream_connect_timeout: Duration,
+    /// Waiting for a response head, and longest pause in its body (default 60s).
+    pub upstream_read_timeout: Duration,
+    /// Longest pause while sending a request to a back end (default 60s).
+    pub upstream_write_timeout: Duration,
+}
+
+impl Default for LimitsSpec {
+    /// The documented defaults.
+    fn default() -> Self {
+        LimitsSpec {
+            header_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            body_timeout: Duration::from_secs(60),
+            max_headers: 100,
+            max_header_bytes: 64 * 1024,
+            max_uri_bytes: 8 * 1024,
+            max_body_bytes: None,
+            max_connections: 10_000,
+            upstream_connect_timeout: Duration::from_secs(5),
+            upstream_read_timeout: Duration::from_secs(60),
+            upstream_write_timeout: Duration::from_secs(60),
+        }
+    }
 }

@@ -21,8 +21,6 @@ mod pools;
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 const MAX_THREADS: i64 = 4096;
 const RETRY_AFTER: Duration = Duration::from_secs(30);
-const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
-const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Checks `raw` and turns it into a [`Snapshot`], or reports every problem.
 ///
@@ -263,20 +261,81 @@ fn access_log(
 }
 
 fn limits(e: &mut Errors, raw: LimitsConfig) -> LimitsSpec {
+    let d = LimitsSpec::default();
+    let dur = |e: &mut Errors, key: &str, text: Option<&str>, default| {
+        fields::duration(e, &format!("limits.{key}"), text, default, Zero::Forbidden)
+    };
+    let int = |e: &mut Errors, key: &str, value: Option<i64>, min: i64, max: i64, default| {
+        value
+            .and_then(|v| fields::int_in(e, &format!("limits.{key}"), v, min, max, None))
+            .unwrap_or(default)
+    };
     LimitsSpec {
-        header_timeout: fields::duration(
+        header_timeout: dur(
             e,
-            "limits.header_timeout",
+            "header_timeout",
             raw.header_timeout.as_deref(),
-            HEADER_TIMEOUT,
-            Zero::Forbidden,
+            d.header_timeout,
         ),
-        idle_timeout: fields::duration(
+        idle_timeout: dur(
             e,
-            "limits.idle_timeout",
+            "idle_timeout",
             raw.idle_timeout.as_deref(),
-            IDLE_TIMEOUT,
-            Zero::Forbidden,
+            d.idle_timeout,
+        ),
+        body_timeout: dur(
+            e,
+            "body_timeout",
+            raw.body_timeout.as_deref(),
+            d.body_timeout,
+        ),
+        max_headers: int(e, "max_headers", raw.max_headers, 1, 10_000, d.max_headers),
+        max_header_bytes: int(
+            e,
+            "max_header_bytes",
+            raw.max_header_bytes,
+            1024,
+            16 << 20,
+            d.max_header_bytes,
+        ),
+        // hyper refuses targets of 65535 bytes and more by itself.
+        max_uri_bytes: int(
+            e,
+            "max_uri_bytes",
+            raw.max_uri_bytes,
+            256,
+            65_534,
+            d.max_uri_bytes,
+        ),
+        max_body_bytes: raw
+            .max_body_bytes
+            .and_then(|v| fields::int_in::<u64>(e, "limits.max_body_bytes", v, 0, i64::MAX, None))
+            .filter(|&v| v > 0),
+        max_connections: int(
+            e,
+            "max_connections",
+            raw.max_connections,
+            1,
+            10_000_000,
+            d.max_connections,
+        ),
+        upstream_connect_timeout: dur(
+            e,
+            "upstream_connect_timeout",
+            raw.upstream_connect_timeout.as_deref(),
+            d.upstream_connect_timeout,
+        ),
+        upstream_read_timeout: dur(
+            e,
+            "upstream_read_timeout",
+            raw.upstream_read_timeout.as_deref(),
+            d.upstream_read_timeout,
+        ),
+        upstream_write_timeout: dur(
+            e,
+            "upstream_write_timeout",
+            raw.upstream_write_timeout.as_deref(),
+            d.upstream_write_timeout,
         ),
     }
 }

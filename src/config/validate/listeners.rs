@@ -192,6 +192,7 @@ pub(super) fn listeners(
             bind,
             redirect_https,
             tls,
+            proxy_protocol: listener.proxy_protocol.unwrap_or(false),
         });
     }
     specs

@@ -1,0 +1,602 @@
+//! One client connection's deadlines and raw request-head checks.
+//!
+//! [`ClientIo`] wraps the client's stream (TCP, or TLS over TCP) and shares a
+//! [`Track`] with the connection's service. Together they give each HTTP/1 request
+//! three phases, and a deadline for each that hyper alone cannot express:
+//!
+//! - **waiting** for the first byte of a request: `header_timeout` on a fresh
+//!   connection (a client that connects and says nothing is not kept), `idle_timeout`
+//!   after a response (keep-alive). Expiry closes the connection silently.
+//! - **head**: from the first byte of a request head to its empty line, at most
+//!   `header_timeout` in all, however the bytes trickle in (not per read). Expiry
+//!   answers `408 Request Timeout` and closes.
+//! - **request**: the service has the request; no deadline here (the body has its own
+//!   pause limit, the back end its own timeouts). Writes to the client count as
+//!   activity, so a long download is not mistaken for an idle connection.
+//!
+//! While a head streams in, the bytes are scanned line by line (a `memchr` per line,
+//! nothing copied) for header names hyper does not reveal to the service: hyper
+//! silently drops `Content-Length` when `Transfer-Encoding` is present, and RFC 9112
+//! §6.3 lets a server refuse that combination, which we do (it is the classic request
+//! smuggling shape). The result of the scan ([`Verdict`]) is taken by the service
+//! when hyper hands it the request.
+//!
+//! Invariants: deadlines are enforced only when hyper polls a read that would block,
+//! and only with no request in flight (the service's [`Track::begin`]/[`Track::end`]
+//! bracket each one), so a response is never cut by an idle or head deadline. The
+//! 408 is written only when nothing else was written since the head began (a
+//! pipelined response still streaming is never interleaved with it). Heads that
+//! arrive pipelined in one read with the previous request are parsed by hyper
+//! without passing through the scan; hyper still drops their `Content-Length` in
+//! favour of the chunked framing it forwards, so the back end cannot disagree with
+//! us about where such a request ends.
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+
+use parking_lot::Mutex;
+
+use crate::metrics::CodeCounters;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::{Instant, Sleep};
+
+/// What the raw scan of one request head found.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Verdict {
+    /// A `Content-Length` line.
+    pub content_length: bool,
+    /// A `Transfer-Encoding` line.
+    pub transfer_encoding: bool,
+}
+
+impl Verdict {
+    /// Both framing headers at once: refused (RFC 9112 §6.3).
+    pub fn ambiguous_framing(self) -> bool {
+        self.content_length && self.transfer_encoding
+    }
+}
+
+/// The 408 answer, written straight to the stream.
+const REQUEST_TIMEOUT: &[u8] = b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\n\
+Content-Length: 0\r\nX-Served-By: launchday\r\nX-Launchday-Error: header_timeout\r\n\r\n";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// No byte of the next request yet. `fresh`: no request on this connection yet.
+    Waiting { fresh: bool },
+    /// Part of a head arrived.
+    Head,
+    /// hyper has (or is about to get) the whole head.
+    Request,
+}
+
+#[derive(Debug)]
+struct State {
+    phase: Phase,
+    in_flight: u32,
+    /// Start of the current phase (`Waiting`: last activity; `Head`: first byte).
+    since: Instant,
+    /// Something was written since the head began.
+    wrote_in_head: bool,
+    scan: Scanner,
+    /// The verdict of the last complete head, for the service.
+    verdict: Verdict,
+    /// A read that blocked while a request was in flight: woken when it ends, so its
+    /// deadline starts counting.
+    reader: Option<std::task::Waker>,
+}
+
+/// The limits a connection enforces (from the snapshot it was accepted under).
+#[derive(Debug, Clone, Copy)]
+pub struct Deadlines {
+    pub header_timeout: Duration,
+    pub idle_timeout: Duration,
+}
+
+/// Shared by a connection's [`ClientIo`] and its service.
+pub struct Track {
+    state: Mutex<State>,
+    deadlines: Deadlines,
+    /// Where hyper's own answers to unparsable requests are counted.
+    errors: Option<Arc<CodeCounters>>,
+}
+
+impl std::fmt::Debug for Track {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Track")
+            .field("state", &self.state)
+            .field("deadlines", &self.deadlines)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Track {
+    /// The state of a connection accepted now.
+    pub fn new(deadlines: Deadlines) -> Arc<Self> {
+        Self::counting(deadlines, None)
+    }
+
+    /// As [`Track::new`], counting hyper's answers to unparsable requests in `errors`.
+    pub fn counting(deadlines: Deadlines, errors: Option<Arc<CodeCounters>>) -> Arc<Self> {
+        Arc::new(Track {
+            errors,
+            state: Mutex::new(State {
+                phase: Phase::Waiting { fresh: true },
+                in_flight: 0,
+                since: Instant::now(),
+                wrote_in_head: false,
+                scan: Scanner::default(),
+                verdict: Verdict::default(),
+                reader: None,
+            }),
+            deadlines,
+        })
+    }
+
+    /// A request reached the service: returns its head's verdict.
+    pub fn begin(&self) -> Verdict {
+        let mut s = self.state.lock();
+        s.in_flight += 1;
+        s.phase = Phase::Request;
+        std::mem::take(&mut s.verdict)
+    }
+
+    /// The service produced its answer (or was dropped).
+    pub fn end(&self) {
+        let mut s = self.state.lock();
+        s.in_flight = s.in_flight.saturating_sub(1);
+        if s.in_flight == 0 {
+            s.phase = Phase::Waiting { fresh: false };
+            s.since = Instant::now();
+            s.scan = Scanner::default();
+            if let Some(w) = s.reader.take() {
+                w.wake();
+            }
+        }
+    }
+
+    /// Requests in the service right now.
+    pub fn in_flight(&self) -> u32 {
+        self.state.lock().in_flight
+    }
+
+    /// When the connection became idle (nothing in flight), if it is.
+    pub fn idle_since(&self) -> Option<Instant> {
+        let s = self.state.lock();
+        (s.in_flight == 0).then_some(s.since)
+    }
+
+    fn on_read(&self, data: &[u8]) {
+        let mut s = self.state.lock();
+        if s.phase == Phase::Request || s.in_flight > 0 {
+            return;
+        }
+        if let Phase::Waiting { .. } = s.phase {
+            s.phase = Phase::Head;
+            s.since = Instant::now();
+            s.wrote_in_head = false;
+            s.scan = Scanner::default();
+        }
+        if let Some(verdict) = s.scan.feed(data) {
+            s.verdict = verdict;
+            s.phase = Phase::Request;
+        }
+    }
+
+    /// Whether a write now is hyper answering a request it could not parse (400,
+    /// 431, 414): no request is in the service, and bytes of a head were read.
+    fn parse_error_answer(&self, buf: &[u8]) -> bool {
+        let s = self.state.lock();
+        s.in_flight == 0
+            && matches!(s.phase, Phase::Head | Phase::Request)
+            && buf.starts_with(b"HTTP/1.1 4")
+    }
+
+    fn on_write(&self) {
+        let mut s = self.state.lock();
+        match s.phase {
+            Phase::Waiting { .. } if s.in_flight == 0 => s.since = Instant::now(),
+            Phase::Head => s.wrote_in_head = true,
+            _ => {}
+        }
+    }
+
+    /// The deadline in force now, and whether its expiry answers 408. Without one,
+    /// `cx`'s waker is kept to be woken when the request in flight ends.
+    fn deadline(&self, cx: &Context<'_>) -> Option<(Instant, bool)> {
+        let mut s = self.state.lock();
+        if s.in_flight > 0 || s.phase == Phase::Request {
+            if !s.reader.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                s.reader = Some(cx.waker().clone());
+            }
+            return None;
+        }
+        let d = &self.deadlines;
+        match s.phase {
+            Phase::Waiting { fresh: true } => Some((s.since + d.header_timeout, false)),
+            Phase::Waiting { fresh: false } => Some((s.since + d.idle_timeout, false)),
+            Phase::Head => Some((s.since + d.header_timeout, !s.wrote_in_head)),
+            Phase::Request => None,
+        }
+    }
+}
+
+/// Ends the request it was made for when dropped (every exit path of the service).
+pub struct InFlight(pub Arc<Track>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.end();
+    }
+}
+
+/// Finds the end of a request head in the bytes as they arrive, noting the header
+/// names we care about. Lines may end in CRLF or a bare LF (as httparse accepts).
+#[derive(Debug, Default)]
+struct Scanner {
+    /// The first bytes of the current line, lowercased.
+    prefix: [u8; 18],
+    /// Length of the current line so far (all of it, not only the prefix).
+    len: usize,
+    /// The current line's last byte was CR.
+    cr: bool,
+    /// Lines seen in this head (the request line is the first).
+    lines: usize,
+    found: Verdict,
+}
+
+impl Scanner {
+    /// Feeds bytes; returns the verdict when the head's empty line was reached.
+    fn feed(&mut self, mut data: &[u8]) -> Option<Verdict> {
+        loop {
+            let Some(i) = memchr::memchr(b'\n', data) else {
+                self.take(data);
+                return None;
+            };
+            self.take(&data[..i]);
+            let content = self.len - usize::from(self.cr);
+            if content == 0 && self.lines > 0 {
+                return Some(self.found);
+            }
+            if content == 0 {
+                // Empty lines before the request line are ignored (RFC 9112 §2.2).
+                *self = Scanner::default();
+            } else {
+                self.classify();
+                self.lines += 1;
+                self.len = 0;
+                self.cr = false;
+            }
+            data = &data[i + 1..];
+        }
+    }
+
+    fn take(&mut self, part: &[u8]) {
+        if part.is_empty() {
+            return;
+        }
+        if self.len < self.prefix.len() {
+            let n = part.len().min(self.prefix.len() - self.len);
+            for (dst, src) in self.prefix[self.len..self.len + n].iter_mut().zip(part) {
+                *dst = src.to_ascii_lowercase();
+            }
+        }
+        self.len += part.len();
+        self.cr = part.last() == Some(&b'\r');
+    }
+
+    fn classify(&mut self) {
+        if self.lines == 0 {
+            return;
+        }
+        let n = self.len.min(self.prefix.len());
+        let line = &self.prefix[..n];
+        if line.starts_with(b"content-length:") {
+            self.found.content_length = true;
+        } else if line.starts_with(b"transfer-encoding:") {
+            self.found.transfer_encoding = true;
+        }
+    }
+}
+
+/// A client stream with the deadlines of [`Track`].
+pub struct ClientIo<I> {
+    io: I,
+    track: Arc<Track>,
+    /// Never later than the deadline in force (see `poll_deadline`).
+    sleep: Option<Pin<Box<Sleep>>>,
+    /// hyper's answer to an unparsable request, with `X-Served-By` added, and how
+    /// much of it was written.
+    rewritten: Option<(Vec<u8>, usize)>,
+}
+
+/// Inserted after the status line of hyper's own error answers, which, like every
+/// answer launchday makes itself, say so.
+const LOCAL_HEADERS: &[u8] = b"X-Served-By: launchday\r\nX-Launchday-Error: bad_request\r\n";
+
+impl<I> ClientIo<I> {
+    pub fn new(io: I, track: Arc<Track>) -> Self {
+        ClientIo {
+            io,
+            track,
+            sleep: None,
+            rewritten: None,
+        }
+    }
+
+    /// The wrapped stream.
+    pub fn get_ref(&self) -> &I {
+        &self.io
+    }
+
+    /// The state shared with the connection's service.
+    pub fn track(&self) -> &Arc<Track> {
+        &self.track
+    }
+}
+
+impl<I: AsyncRead + AsyncWrite + Unpin> ClientIo<I> {
+    /// Called when a read would block. `Ready(true)`: the deadline passed, end the
+    /// connection (after a 408 if the head had begun). The timer is armed at most
+    /// `header_timeout` ahead, so it never fires after the deadline even when the
+    /// phase changes to one with a shorter limit; firing early just re-arms it.
+    fn poll_deadline(&mut self, cx: &mut Context<'_>) -> Poll<bool> {
+        for _ in 0..2 {
+            let Some((deadline, answer)) = self.track.deadline(cx) else {
+                return Poll::Pending;
+            };
+            if let Some(sleep) = &mut self.sleep {
+                if sleep.deadline() <= deadline && sleep.as_mut().poll(cx).is_pending() {
+                    return Poll::Pending;
+                }
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                if answer {
+                    // Best effort: the client is about to be cut off either way.
+                    let _ = Pin::new(&mut self.io).poll_write(cx, REQUEST_TIMEOUT);
+                    let _ = Pin::new(&mut self.io).poll_flush(cx);
+                }
+                return Poll::Ready(true);
+            }
+            let at = deadline.min(now + self.track.deadlines.header_timeout);
+            match &mut self.sleep {
+                Some(sleep) => sleep.as_mut().reset(at),
+                None => self.sleep = Some(Box::pin(tokio::time::sleep_until(at))),
+            }
+        }
+        Poll::Pending
+    }
+}
+
+impl<I: AsyncRead + AsyncWrite + Unpin> AsyncRead for ClientIo<I> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        match Pin::new(&mut this.io).poll_read(cx, buf) {
+            Poll::Ready(Ok(())) => {
+                let new = &buf.filled()[before..];
+                if !new.is_empty() {
+                    this.track.on_read(new);
+                }
+                Poll::Ready(Ok(()))
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => {
+                // Expired: end of stream, which hyper takes as the client leaving.
+                ready!(this.poll_deadline(cx));
+                Poll::Ready(Ok(()))
+            }
+        }
+    }
+}
+
+impl<I: AsyncRead + AsyncWrite + Unpin> AsyncWrite for ClientIo<I> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        if this.rewritten.is_none() && this.track.parse_error_answer(buf) {
+            if let Some(end) = memchr::memmem::find(buf, b"\r\n") {
+                let mut out = Vec::with_capacity(buf.len() + LOCAL_HEADERS.len());
+                out.extend_from_slice(&buf[..end + 2]);
+                out.extend_from_slice(LOCAL_HEADERS);
+                out.extend_from_slice(&buf[end + 2..]);
+                this.rewritten = Some((out, 0));
+                if let (Some(errors), Some(status)) = (&this.track.errors, status_of(buf)) {
+                    errors.inc(status);
+                }
+            }
+        }
+        if let Some((out, done)) = &mut this.rewritten {
+            // hyper's whole answer is in `buf` (it is one small head); report it
+            // written only once our longer copy is.
+            while *done < out.len() {
+                match Pin::new(&mut this.io).poll_write(cx, &out[*done..]) {
+                    Poll::Ready(Ok(0)) => return Poll::Ready(Ok(0)),
+                    Poll::Ready(Ok(n)) => *done += n,
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Pending => return Poll::Pending,
+                }
+            }
+            this.rewritten = Some((Vec::new(), 0));
+            return Poll::Ready(Ok(buf.len()));
+        }
+        let r = Pin::new(&mut this.io).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = r {
+            if n > 0 {
+                this.track.on_write();
+            }
+        }
+        r
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.io).poll_write_vectored(cx, bufs);
+        if let Poll::Ready(Ok(n)) = r {
+            if n > 0 {
+                this.track.on_write();
+            }
+        }
+        r
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}
+
+/// The status code of a response head's status line.
+fn status_of(head: &[u8]) -> Option<http::StatusCode> {
+    head.get(9..12)
+        .and_then(|code| http::StatusCode::from_bytes(code).ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    fn scan(parts: &[&[u8]]) -> Option<Verdict> {
+        let mut s = Scanner::default();
+        let mut out = None;
+        for p in parts {
+            out = out.or(s.feed(p));
+        }
+        out
+    }
+
+    #[test]
+    fn finds_the_end_of_a_head_however_it_is_split() {
+        let head = b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhello";
+        for cut in 0..head.len() {
+            let v = scan(&[&head[..cut], &head[cut..]]).expect("head end");
+            assert!(v.content_length && !v.transfer_encoding, "cut at {cut}");
+        }
+        assert_eq!(scan(&[b"GET / HTTP/1.1\r\nHost: a\r\n"]), None);
+    }
+
+    #[test]
+    fn sees_both_framing_headers_in_any_case_and_order() {
+        let v = scan(&[b"POST / HTTP/1.1\r\nTRANSFER-encoding: chunked\r\nHost: a\r\ncontent-LENGTH: 3\r\n\r\n"])
+            .expect("end");
+        assert!(v.ambiguous_framing());
+        let v = scan(&[b"POST / HTTP/1.1\nHost: a\nTransfer-Encoding: chunked\n\n"]).expect("end");
+        assert!(v.transfer_encoding && !v.content_length);
+        // A header whose name only starts like one of them is not it.
+        let v = scan(&[b"GET / HTTP/1.1\r\nContent-Lengthy: 3\r\nX: content-length: 1\r\n\r\n"])
+            .expect("end");
+        assert_eq!(v, Verdict::default());
+    }
+
+    #[test]
+    fn leading_empty_lines_do_not_end_a_head() {
+        let v = scan(&[b"\r\n\r\nGET / HTTP/1.1\r\nContent-Length: 0\r\n\r\n"]).expect("end");
+        assert!(v.content_length);
+    }
+
+    fn deadlines(header: u64, idle: u64) -> Deadlines {
+        Deadlines {
+            header_timeout: Duration::from_secs(header),
+            idle_timeout: Duration::from_secs(idle),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_trickled_head_gets_408_at_the_head_deadline_not_per_read() {
+        let (client, server) = tokio::io::duplex(1024);
+        let track = Track::new(deadlines(10, 60));
+        let mut io = ClientIo::new(server, Arc::clone(&track));
+        let (mut rd, mut wr) = tokio::io::split(client);
+        let started = Instant::now();
+        let writer = tokio::spawn(async move {
+            for b in b"GET / HTTP/1.1\r\nHost: x" {
+                wr.write_all(&[*b]).await.expect("write");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            wr
+        });
+        let mut buf = [0u8; 64];
+        loop {
+            let n = io.read(&mut buf).await.expect("read");
+            if n == 0 {
+                break;
+            }
+        }
+        // The first byte came at once, so the deadline is 10 s after it.
+        assert_eq!(started.elapsed().as_secs(), 10);
+        let mut answer = vec![0u8; 200];
+        let n = rd.read(&mut answer).await.expect("read answer");
+        assert!(
+            answer[..n].starts_with(b"HTTP/1.1 408 "),
+            "{:?}",
+            &answer[..n]
+        );
+        writer.abort();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_connection_is_closed_without_an_answer() {
+        let (mut client, server) = tokio::io::duplex(1024);
+        let mut io = ClientIo::new(server, Track::new(deadlines(10, 60)));
+        let started = Instant::now();
+        let mut buf = [0u8; 16];
+        assert_eq!(io.read(&mut buf).await.expect("read"), 0);
+        assert_eq!(started.elapsed().as_secs(), 10);
+        drop(io);
+        let mut rest = Vec::new();
+        client.read_to_end(&mut rest).await.expect("read");
+        assert!(rest.is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_keep_alive_uses_idle_timeout_and_requests_in_flight_have_none() {
+        let (mut client, server) = tokio::io::duplex(1024);
+        let track = Track::new(deadlines(1, 5));
+        let mut io = ClientIo::new(server, Arc::clone(&track));
+        client
+            .write_all(b"GET / HTTP/1.1\r\n\r\n")
+            .await
+            .expect("write");
+        let mut buf = [0u8; 64];
+        assert!(io.read(&mut buf).await.expect("read") > 0);
+        let verdict = track.begin();
+        assert_eq!(verdict, Verdict::default());
+        // A slow answer: no deadline while the request is in flight.
+        let reading = tokio::spawn(async move {
+            let started = Instant::now();
+            let n = io.read(&mut buf).await.expect("read");
+            (n, started.elapsed())
+        });
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        assert!(!reading.is_finished());
+        track.end();
+        let (n, took) = reading.await.expect("join");
+        assert_eq!(n, 0);
+        // 30 s in flight, then the 5 s idle timeout (not the 1 s head one).
+        assert_eq!(took.as_secs(), 35);
+    }
+}
