@@ -1422,3 +1422,60 @@ async fn scripted_exchange(
     tokio::time::sleep(linger).await;
     let _ = s.shutdown().await;
 }
+
+// ---------------------------------------------------------------------------------
+// Added for tests/proxy_protocol.rs: extra keys on the public listener, a client whose
+// connection starts with given bytes (a PROXY protocol header), and an exchange that
+// tolerates the balancer dropping the connection.
+// ---------------------------------------------------------------------------------
+
+/// Like [`config`], with `listener` (e.g. `proxy_protocol = true`) added to the
+/// public listener's table.
+pub fn config_listener(top: &str, listener: &str, tables: &str) -> String {
+    let text = config(top, tables);
+    let name = "name = \"public\"\n";
+    assert!(text.contains(name), "config() changed shape:\n{text}");
+    text.replacen(name, &format!("{name}{listener}\n"), 1)
+}
+
+impl Client {
+    /// Connects to `addr`, writes `preamble` (e.g. a PROXY protocol header), then
+    /// speaks HTTP/1.1 on the same connection.
+    pub async fn with_preamble(addr: SocketAddr, preamble: &[u8]) -> Client {
+        use tokio::io::AsyncWriteExt;
+        let mut stream = tokio::time::timeout(STEP, TcpStream::connect(addr))
+            .await
+            .expect("connect in time")
+            .unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+        let _ = stream.set_nodelay(true);
+        stream.write_all(preamble).await.expect("write preamble");
+        let (sender, conn) = client_http1::handshake(TokioIo::new(stream))
+            .await
+            .expect("handshake");
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        Client { addr, sender }
+    }
+}
+
+/// Writes `bytes` on a fresh connection and reads until the peer closes or resets it
+/// (a write error counts as closed too); returns what was read. For connections the
+/// balancer is expected to drop, possibly with unread bytes (hence a reset).
+pub async fn raw_until_closed(addr: SocketAddr, bytes: &[u8]) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let exchange = async {
+        let mut s = TcpStream::connect(addr).await.expect("connect");
+        let mut out = Vec::new();
+        if s.write_all(bytes).await.is_ok() {
+            let mut chunk = [0u8; 4096];
+            while let Ok(n @ 1..) = s.read(&mut chunk).await {
+                out.extend_from_slice(&chunk[..n]);
+            }
+        }
+        String::from_utf8_lossy(&out).into_owned()
+    };
+    tokio::time::timeout(STEP, exchange)
+        .await
+        .expect("connection closed in time")
+}
