@@ -1250,3 +1250,67 @@ async fn a_second_connection_resumes_the_session() {
         }
     }
 }
+
+// ---------------------------------------------------------------------------------
+// idle HTTP/2 connections
+// ---------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_h2_connection_gets_goaway_at_idle_timeout_and_a_busy_one_stays() {
+    let backend = Backend::start("web").await;
+    let site = Site::start("\n[limits]\nidle_timeout = \"1s\"\n", backend.addr).await;
+
+    /// An h2 connection whose driver reports when the connection ends.
+    async fn open(
+        addr: SocketAddr,
+    ) -> (
+        http2::SendRequest<Full<Bytes>>,
+        tokio::sync::oneshot::Receiver<Instant>,
+    ) {
+        let tls = connect(&any_client(), addr, dns(BLOG)).await;
+        assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+        let (sender, conn) = http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+            .await
+            .expect("h2 handshake");
+        let (done, ended) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            let _ = conn.await;
+            let _ = done.send(Instant::now());
+        });
+        (sender, ended)
+    }
+
+    let (idle, idle_ended) = open(site.v4()).await;
+    let (busy, mut busy_ended) = open(site.v6()).await;
+    let mut idle_c = Http::Two(idle);
+    let r = idle_c.get(BLOG, "/once").await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    let quiet_from = Instant::now();
+
+    // The busy connection sends a request every 300 ms for 2.4 s: never idle for 1 s.
+    let mut busy_c = Http::Two(busy);
+    for i in 0..8 {
+        let r = busy_c.get(BLOG, &format!("/busy/{i}")).await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+        assert!(
+            busy_ended.try_recv().is_err(),
+            "the busy connection was closed after {i} requests"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let ended = tokio::time::timeout(Duration::from_secs(3), idle_ended)
+        .await
+        .expect("the idle connection ends")
+        .expect("driver reported");
+    let after = ended.duration_since(quiet_from);
+    assert!(
+        after >= Duration::from_millis(800) && after <= Duration::from_millis(2500),
+        "idle h2 connection ended {after:?} after its last stream"
+    );
+    // And the busy one, once quiet, goes the same way.
+    let ended = tokio::time::timeout(Duration::from_secs(4), busy_ended)
+        .await
+        .expect("the busy connection ends once idle")
+        .expect("driver reported");
+    assert!(ended.elapsed() < Duration::from_secs(4));
+}
