@@ -82,6 +82,45 @@ pub mod h2_limits {
     pub const MAX_PENDING_ACCEPT_RESET_STREAMS: usize = 20;
     /// Streams we reset because of client errors before GOAWAY.
     pub const MAX_LOCAL_ERROR_RESET_STREAMS: usize = 256;
+    /// Requests a client cancels (RST_STREAM) after we started on them, once they
+    /// also outnumber the answered ones: then GOAWAY and close. This is the paced
+    /// form of rapid reset, which h2's pending-accept counter cannot see (each reset
+    /// arrives after the stream was accepted), and which would otherwise let one
+    /// connection keep far more than 100 requests busy on the back ends.
+    pub const MAX_CANCELLED_STREAMS: u32 = 100;
+}
+
+/// Cancelled and answered requests of one HTTP/2 connection.
+#[derive(Default)]
+struct Cancels {
+    cancelled: std::sync::atomic::AtomicU32,
+    answered: std::sync::atomic::AtomicU32,
+    abuse: tokio::sync::Notify,
+}
+
+/// One request of an HTTP/2 connection: its end in the connection's [`Track`], and a
+/// cancellation (dropped before its answer) counted in [`Cancels`].
+struct H2Request {
+    track: Arc<Track>,
+    cancels: Arc<Cancels>,
+    answered: bool,
+}
+
+impl Drop for H2Request {
+    fn drop(&mut self) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.track.end();
+        if self.answered {
+            self.cancels.answered.fetch_add(1, Relaxed);
+            return;
+        }
+        let cancelled = self.cancels.cancelled.fetch_add(1, Relaxed) + 1;
+        if cancelled >= h2_limits::MAX_CANCELLED_STREAMS
+            && cancelled > self.cancels.answered.load(Relaxed)
+        {
+            self.cancels.abuse.notify_one();
+        }
+    }
 }
 
 /// The answer to a connection beyond `max_connections` on a plain listener: written
@@ -259,20 +298,29 @@ where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let _watcher = watcher;
+    let fwd_peer = fwd.peer;
     let fwd = Arc::new(fwd);
     let track = Track::new(Deadlines {
         header_timeout: limits.header_timeout,
         idle_timeout: limits.idle_timeout,
     });
     let streams = Arc::clone(&track);
+    let cancels = Arc::new(Cancels::default());
+    let counted = Arc::clone(&cancels);
     let svc = service_fn(move |req| {
         let proxy = Arc::clone(&proxy);
         let fwd = Arc::clone(&fwd);
         streams.begin();
-        let stream = InFlight(Arc::clone(&streams));
+        let request = H2Request {
+            track: Arc::clone(&streams),
+            cancels: Arc::clone(&counted),
+            answered: false,
+        };
         async move {
-            let _stream = stream;
-            Ok::<_, Infallible>(proxy.handle(req, &fwd, Verdict::default()).await)
+            let mut request = request;
+            let resp = proxy.handle(req, &fwd, Verdict::default()).await;
+            request.answered = true;
+            Ok::<_, Infallible>(resp)
         }
     });
     let conn = http2::Builder::new(TokioExecutor::new())
@@ -290,11 +338,18 @@ where
         let wake = idle_at.unwrap_or_else(|| tokio::time::Instant::now() + idle);
         tokio::select! {
             r = conn.as_mut() => return Ok(r?),
-            r = stop.wait_for(|stopped| *stopped), if !draining => {
+            _ = async { stop.wait_for(|stopped| *stopped).await.is_ok() }, if !draining => {
                 // A closed channel means the server is gone: drain too.
-                let _ = r;
                 conn.as_mut().graceful_shutdown();
                 draining = true;
+            }
+            _ = cancels.abuse.notified() => {
+                tracing::warn!(peer = %fwd_peer, "HTTP/2 client cancels most of its requests; closing");
+                conn.as_mut().graceful_shutdown();
+                // Streams it still has open get a moment to finish, then the
+                // connection is dropped whatever the client does.
+                let _ = tokio::time::timeout(Duration::from_secs(1), conn.as_mut()).await;
+                return Ok(());
             }
             _ = tokio::time::sleep_until(wake), if !draining => {
                 let expired = track

@@ -499,22 +499,24 @@ async fn forward(
     let pool = Arc::clone(lease.pool());
     let mut tries_left = pool.retries();
     loop {
-        let backend = lease.backend();
+        let backend = lease.backend_arc();
+        let backend = &*backend;
         let sent = Instant::now();
-        let result = backend.upstream.send(req, timeouts).await;
+        let result = backend.upstream.send(req, timeouts, lease).await;
         if facts.pool.is_some() {
             facts.backend = Some(backend.name_arc());
             facts.upstream = Some(sent.elapsed());
         }
         match result {
-            Ok((resp, checkin)) => {
+            Ok((resp, checkin, lease)) => {
                 pool.passive_result(backend, !resp.status().is_server_error());
                 let (mut parts, body) = resp.into_parts();
                 headers::rewrite_response(&mut parts.headers, backend.spec.served_by.as_ref());
                 backend.metrics.requests.inc(parts.status);
                 return Response::from_parts(parts, Body::upstream(body, checkin, lease));
             }
-            Err(Failed { error, retry }) => {
+            Err((Failed { error, retry }, held)) => {
+                lease = held;
                 if let Some(b) = BodyError::find(&error) {
                     // The client's body broke off (too slow, too big): not the back
                     // end's fault, and not to be retried.

@@ -15,12 +15,15 @@
 //!   once, on a fresh connection; any other request fails with 502 and is never sent
 //!   twice (like nginx's `proxy_next_upstream error` on idempotent requests).
 
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use hyper::body::Incoming;
 use hyper::client::conn::http1::{self, SendRequest};
+use hyper::client::conn::TrySendError;
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
 use parking_lot::Mutex;
@@ -151,10 +154,43 @@ impl Upstream {
 
     /// Sends `req` (origin-form URI, headers already rewritten) under `timeouts` and
     /// returns the response head with the connection to check in when its body is done.
-    pub async fn send(
+    ///
+    /// `hold` (the back end's capacity lease) comes back with the answer or the
+    /// failure. If the caller gives up while the request is out (the client reset its
+    /// HTTP/2 stream or went away), the back end is still working on it: `hold` is kept
+    /// until the connection has finished that exchange (hyper drains the unread
+    /// answer, within the pause limits), and the connection then goes back to the pool.
+    /// So cancelled requests keep counting against `max_connections` while the back end
+    /// works on them, and never make it open more connections than requests it serves.
+    pub async fn send<H: Send + 'static>(
+        self: &Arc<Self>,
+        req: Request<Body>,
+        timeouts: UpstreamTimeouts,
+        hold: H,
+    ) -> Result<(Response<Incoming>, Checkin, H), (Failed, H)> {
+        let mut guard = Exchange {
+            upstream: self,
+            conn: None,
+            sending: None,
+            hold: Some(hold),
+        };
+        let result = self.send_guarded(req, timeouts, &mut guard).await;
+        guard.conn = None;
+        // Invariant: `hold` is only taken by `Exchange::drop`, which cannot have run.
+        let Some(hold) = guard.hold.take() else {
+            unreachable!("the exchange guard is still alive")
+        };
+        match result {
+            Ok((resp, checkin)) => Ok((resp, checkin, hold)),
+            Err(failed) => Err((failed, hold)),
+        }
+    }
+
+    async fn send_guarded<H: Send + 'static>(
         self: &Arc<Self>,
         mut req: Request<Body>,
         timeouts: UpstreamTimeouts,
+        guard: &mut Exchange<'_, H>,
     ) -> Result<(Response<Incoming>, Checkin), Failed> {
         // A copy to resend if a connection dies before answering: only for requests
         // that are safe to send twice (idempotent, no body).
@@ -173,7 +209,11 @@ impl Upstream {
                 continue;
             }
             activity.begin(timeouts);
-            match sender.try_send_request(req).await {
+            let sent = guard.send(sender, activity, req).await;
+            let Some((sender, activity)) = guard.conn.take() else {
+                unreachable!("only Exchange::drop takes the connection")
+            };
+            match sent {
                 Ok(resp) => return Ok((resp, self.checkin((sender, activity)))),
                 Err(mut e) => match e.take_message() {
                     Some(unsent) => req = unsent,
@@ -202,7 +242,7 @@ impl Upstream {
                 },
             }
         }
-        let (mut sender, activity) = match self.connect(timeouts.connect).await {
+        let (sender, activity) = match self.connect(timeouts.connect).await {
             Ok(s) => s,
             // Nothing was sent: the request itself may go elsewhere.
             Err(error) => {
@@ -213,7 +253,11 @@ impl Upstream {
             }
         };
         activity.begin(timeouts);
-        match sender.try_send_request(req).await {
+        let sent = guard.send(sender, activity, req).await;
+        let Some((sender, activity)) = guard.conn.take() else {
+            unreachable!("only Exchange::drop takes the connection")
+        };
+        match sent {
             Ok(resp) => Ok((resp, self.checkin((sender, activity)))),
             Err(mut e) => {
                 let unsent = e.take_message();
@@ -234,7 +278,81 @@ impl Upstream {
             sender: Some(sender),
         }
     }
+}
 
+/// The answer to a request out on a connection, boxed so that it can outlive a caller
+/// who gives up (one allocation per proxied request).
+type Sending =
+    Pin<Box<dyn Future<Output = Result<Response<Incoming>, TrySendError<Request<Body>>>> + Send>>;
+
+/// What a request out on a connection needs until its exchange really ends; see
+/// [`Upstream::send`]. Dropped with `conn` set only when the caller gave up mid-send.
+struct Exchange<'a, H: Send + 'static> {
+    upstream: &'a Arc<Upstream>,
+    conn: Option<Conn>,
+    sending: Option<Sending>,
+    hold: Option<H>,
+}
+
+impl<H: Send + 'static> Exchange<'_, H> {
+    /// Sends `req` on `sender`, keeping the connection and the pending answer here
+    /// until the answer's head arrives.
+    async fn send(
+        &mut self,
+        mut sender: SendRequest<Body>,
+        activity: Arc<Activity>,
+        req: Request<Body>,
+    ) -> Result<Response<Incoming>, TrySendError<Request<Body>>> {
+        self.sending = Some(Box::pin(sender.try_send_request(req)));
+        self.conn = Some((sender, activity));
+        let sent = std::future::poll_fn(|cx| match &mut self.sending {
+            Some(f) => f.as_mut().poll(cx),
+            // Invariant: set just above and only taken below or by `drop`.
+            None => unreachable!("the pending answer is here until it resolves"),
+        })
+        .await;
+        self.sending = None;
+        sent
+    }
+}
+
+impl<H: Send + 'static> Drop for Exchange<'_, H> {
+    fn drop(&mut self) {
+        let (Some((mut sender, activity)), Some(sending), Some(hold)) =
+            (self.conn.take(), self.sending.take(), self.hold.take())
+        else {
+            return;
+        };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let upstream = Arc::clone(self.upstream);
+        runtime.spawn(async move {
+            // The back end is still working: wait for its answer and read it to the
+            // end (the pause limits bound both), then free its slot and keep the
+            // connection if it is sound.
+            let mut complete = false;
+            if let Ok(resp) = sending.await {
+                use http_body_util::BodyExt;
+                let mut body = resp.into_body();
+                complete = loop {
+                    match body.frame().await {
+                        Some(Ok(_)) => {}
+                        Some(Err(_)) => break false,
+                        None => break true,
+                    }
+                };
+            }
+            let reusable = complete && sender.ready().await.is_ok();
+            drop(hold);
+            if reusable {
+                upstream.checkin((sender, activity)).reuse();
+            }
+        });
+    }
+}
+
+impl Upstream {
     async fn connect(&self, timeout: Duration) -> Result<Conn, UpstreamError> {
         let addr = self.addr;
         let stream = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {

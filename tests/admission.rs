@@ -1133,3 +1133,40 @@ async fn a_queued_post_with_a_body_whose_client_disconnects_frees_its_place() {
         "the writes of clients that left were proxied"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_whose_client_left_keeps_its_slot_until_the_back_end_is_done() {
+    // One slot; the back end takes 1.5 s per request.
+    let slow = SlowBackend::start("slow", Duration::from_millis(1500)).await;
+    let lb = Balancer::start(&one_pool("site", slow.addr, 1, 8, "5s")).await;
+
+    // A client asks, and leaves as soon as the back end has the request.
+    let mut gone = tokio::net::TcpStream::connect(lb.v6)
+        .await
+        .expect("connect");
+    use tokio::io::AsyncWriteExt;
+    gone.write_all(b"GET /left HTTP/1.1\r\nHost: site\r\n\r\n")
+        .await
+        .expect("write");
+    slow.wait_count(1).await;
+    drop(gone);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    // The back end is still working on it, so the next request waits for the slot
+    // instead of making the back end carry two at once.
+    let started = Instant::now();
+    let r = join(spawn_get(lb.v6, "/next").await).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!(
+        slow.max_in_flight(),
+        1,
+        "a cancelled request freed its slot early"
+    );
+    assert!(
+        started.elapsed() >= Duration::from_millis(2000),
+        "the second request waited for the first to finish ({:?})",
+        started.elapsed()
+    );
+    // And the connection the abandoned answer came back on was kept.
+    assert_eq!(slow.count(), 2);
+}
