@@ -14,6 +14,12 @@
 //!   pause limit, the back end its own timeouts). Writes to the client count as
 //!   activity, so a long download is not mistaken for an idle connection.
 //!
+//! A connection whose request was answered `101` becomes a **tunnel** for good
+//! ([`Track::tunnel`], called by the service before it returns the `101`; see
+//! [`crate::tunnel`]): its bytes are another protocol, so nothing is scanned as a
+//! head, no 408 is ever written, and the one deadline is `idle_timeout` after the
+//! last byte read or written.
+//!
 //! While a head streams in, the bytes are scanned line by line (a `memchr` per line,
 //! nothing copied) for header names hyper does not reveal to the service: hyper
 //! silently drops `Content-Length` when `Transfer-Encoding` is present, and RFC 9112
@@ -21,11 +27,12 @@
 //! smuggling shape). The result of the scan ([`Verdict`]) is taken by the service
 //! when hyper hands it the request.
 //!
-//! Invariants: deadlines are enforced only when hyper polls a read that would block,
-//! and only with no request in flight (the service's [`Track::begin`]/[`Track::end`]
-//! bracket each one), so a response is never cut by an idle or head deadline. The
-//! 408 is written only when nothing else was written since the head began (a
-//! pipelined response still streaming is never interleaved with it). Heads that
+//! Invariants: deadlines are enforced only when a read that would block is polled
+//! (by hyper, or by the tunnel after an upgrade), and only with no request in flight
+//! (the service's [`Track::begin`]/[`Track::end`] bracket each one), so a response
+//! is never cut by an idle or head deadline. The 408 is written only when nothing
+//! else was written since the head began (a pipelined response still streaming is
+//! never interleaved with it). Heads that
 //! arrive pipelined in one read with the previous request are parsed by hyper
 //! without passing through the scan; hyper still drops their `Content-Length` in
 //! favour of the chunked framing it forwards, so the back end cannot disagree with
@@ -72,6 +79,8 @@ enum Phase {
     Head,
     /// hyper has (or is about to get) the whole head.
     Request,
+    /// Switched protocols (after a `101`): a byte tunnel, never HTTP again.
+    Tunnel,
 }
 
 #[derive(Debug)]
@@ -88,6 +97,8 @@ struct State {
     /// A read that blocked while a request was in flight: woken when it ends, so its
     /// deadline starts counting.
     reader: Option<std::task::Waker>,
+    /// A tunnel is open on this connection ([`OpenTunnel`] alive).
+    tunnel_open: bool,
 }
 
 /// The limits a connection enforces (from the snapshot it was accepted under).
@@ -103,6 +114,8 @@ pub struct Track {
     deadlines: Deadlines,
     /// Where hyper's own answers to unparsable requests are counted.
     errors: Option<Arc<CodeCounters>>,
+    /// Notified when the tunnel closes.
+    tunnel_closed: tokio::sync::Notify,
 }
 
 impl std::fmt::Debug for Track {
@@ -132,8 +145,10 @@ impl Track {
                 scan: Scanner::default(),
                 verdict: Verdict::default(),
                 reader: None,
+                tunnel_open: false,
             }),
             deadlines,
+            tunnel_closed: tokio::sync::Notify::new(),
         })
     }
 
@@ -150,12 +165,48 @@ impl Track {
         let mut s = self.state.lock();
         s.in_flight = s.in_flight.saturating_sub(1);
         if s.in_flight == 0 {
-            s.phase = Phase::Waiting { fresh: false };
+            if s.phase != Phase::Tunnel {
+                s.phase = Phase::Waiting { fresh: false };
+                s.scan = Scanner::default();
+            }
             s.since = Instant::now();
-            s.scan = Scanner::default();
             if let Some(w) = s.reader.take() {
                 w.wake();
             }
+        }
+    }
+
+    /// The request in flight was answered `101`: from now on the connection is a
+    /// tunnel (no head scanning, no 408, `idle_timeout` after the last byte read or
+    /// written). The connection counts as open until the returned value is dropped
+    /// (see [`Track::tunnel_closed`]).
+    pub fn tunnel(self: &Arc<Self>) -> OpenTunnel {
+        let mut s = self.state.lock();
+        s.phase = Phase::Tunnel;
+        s.tunnel_open = true;
+        s.since = Instant::now();
+        s.scan = Scanner::default();
+        s.verdict = Verdict::default();
+        OpenTunnel(Arc::clone(self))
+    }
+
+    /// When the tunnel on this connection has been quiet for too long: `idle_timeout`
+    /// after the last byte read or written (or after the `101` was answered). `None`
+    /// when the connection is no tunnel.
+    pub fn tunnel_expiry(&self) -> Option<Instant> {
+        let s = self.state.lock();
+        (s.phase == Phase::Tunnel).then(|| s.since + self.deadlines.idle_timeout)
+    }
+
+    /// Resolves once no tunnel is open on this connection (at once if none ever was).
+    pub async fn tunnel_closed(&self) {
+        loop {
+            if !self.state.lock().tunnel_open {
+                return;
+            }
+            // `notify_one` keeps a permit if nobody waits yet: a close between the
+            // check and the wait is not lost.
+            self.tunnel_closed.notified().await;
         }
     }
 
@@ -172,6 +223,10 @@ impl Track {
 
     fn on_read(&self, data: &[u8]) {
         let mut s = self.state.lock();
+        if s.phase == Phase::Tunnel {
+            s.since = Instant::now();
+            return;
+        }
         if s.phase == Phase::Request || s.in_flight > 0 {
             return;
         }
@@ -200,6 +255,7 @@ impl Track {
         let mut s = self.state.lock();
         match s.phase {
             Phase::Waiting { .. } if s.in_flight == 0 => s.since = Instant::now(),
+            Phase::Tunnel => s.since = Instant::now(),
             Phase::Head => s.wrote_in_head = true,
             _ => {}
         }
@@ -220,8 +276,26 @@ impl Track {
             Phase::Waiting { fresh: true } => Some((s.since + d.header_timeout, false)),
             Phase::Waiting { fresh: false } => Some((s.since + d.idle_timeout, false)),
             Phase::Head => Some((s.since + d.header_timeout, !s.wrote_in_head)),
+            Phase::Tunnel => Some((s.since + d.idle_timeout, false)),
             Phase::Request => None,
         }
+    }
+}
+
+/// A tunnel open on a connection ([`Track::tunnel`]); dropped when the tunnel ends.
+pub struct OpenTunnel(Arc<Track>);
+
+impl OpenTunnel {
+    /// The connection's state.
+    pub fn track(&self) -> &Arc<Track> {
+        &self.0
+    }
+}
+
+impl Drop for OpenTunnel {
+    fn drop(&mut self) {
+        self.0.state.lock().tunnel_open = false;
+        self.0.tunnel_closed.notify_one();
     }
 }
 
@@ -598,5 +672,62 @@ mod tests {
         assert_eq!(n, 0);
         // 30 s in flight, then the 5 s idle timeout (not the 1 s head one).
         assert_eq!(took.as_secs(), 35);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_tunnel_has_no_head_deadline_only_the_idle_timeout_after_its_last_byte() {
+        let (client, server) = tokio::io::duplex(1024);
+        let (mut rd, mut wr) = tokio::io::split(client);
+        let track = Track::new(deadlines(1, 5));
+        let mut io = ClientIo::new(server, Arc::clone(&track));
+        wr.write_all(b"GET / HTTP/1.1\r\nConnection: upgrade\r\nUpgrade: x\r\n\r\n")
+            .await
+            .expect("write");
+        let mut buf = [0u8; 256];
+        assert!(io.read(&mut buf).await.expect("read") > 0);
+        track.begin();
+        let open = track.tunnel();
+        track.end();
+        io.write_all(b"HTTP/1.1 101 Switching Protocols\r\n\r\n")
+            .await
+            .expect("write 101");
+        assert!(track.idle_since().is_some());
+
+        // Half of what looks like a head, then 4 s of silence: no 408 at 1 s.
+        wr.write_all(b"GET /x HTTP/1.1\r\n").await.expect("write");
+        let n = io.read(&mut buf).await.expect("read");
+        assert_eq!(&buf[..n], b"GET /x HTTP/1.1\r\n");
+        let reading = tokio::spawn(async move {
+            let mut buf = [0u8; 16];
+            let n = io.read(&mut buf).await.expect("read");
+            (io, buf[..n].to_vec())
+        });
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        wr.write_all(b"more").await.expect("write");
+        let (mut io, got) = reading.await.expect("join");
+        assert_eq!(got, b"more");
+        // Bytes written to the client are activity too.
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        io.write_all(b"down").await.expect("write");
+
+        // Then silence: the end of the stream, 5 s after the last byte.
+        let quiet = Instant::now();
+        assert_eq!(io.read(&mut buf).await.expect("read"), 0);
+        assert_eq!(quiet.elapsed().as_secs(), 5);
+        assert_eq!(track.tunnel_expiry(), Some(quiet + Duration::from_secs(5)));
+        drop(io);
+        let mut out = Vec::new();
+        rd.read_to_end(&mut out).await.expect("read");
+        assert_eq!(out, b"HTTP/1.1 101 Switching Protocols\r\n\r\ndown");
+
+        // The connection counts as open until the tunnel is gone.
+        let waiting = Arc::clone(&track);
+        let closed = tokio::spawn(async move { waiting.tunnel_closed().await });
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(!closed.is_finished());
+        drop(open);
+        closed.await.expect("join");
+        track.tunnel_closed().await;
+        Track::new(deadlines(1, 5)).tunnel_closed().await;
     }
 }

@@ -7,6 +7,8 @@
 //! proxy, in which case its `X-Forwarded-For` is kept and the peer appended (and its
 //! `X-Real-IP`/`Forwarded` are kept). `X-Forwarded-Proto` is always set by us.
 //! `Host` is preserved (set to the back end's address only when the client sent none).
+//! An upgrade request ([`crate::tunnel`]) is the one exception: its `Upgrade` is put
+//! back and `Connection: upgrade` sent ([`keep_upgrade`]), and so for the `101` answer.
 //!
 //! Responses: hop-by-hop headers are removed; `X-Served-By` from the back end passes
 //! through, and the back end's `served_by` label is added when it sent none.
@@ -42,6 +44,9 @@ pub struct Forwarded {
     pub listener: std::sync::Arc<str>,
     /// Present on TLS connections.
     pub tls: Option<TlsInfo>,
+    /// The connection's deadline state: present on HTTP/1 connections, the only ones
+    /// a request can upgrade (switch to a tunnel) on.
+    pub track: Option<std::sync::Arc<crate::conn::Track>>,
 }
 
 /// What the TLS handshake told us about a connection.
@@ -115,6 +120,15 @@ pub fn rewrite_request(headers: &mut HeaderMap, fwd: &Forwarded, default_host: &
     }
 }
 
+static UPGRADE_TOKEN: HeaderValue = HeaderValue::from_static("upgrade");
+
+/// Puts an upgrade back after the hop-by-hop headers were stripped: `Upgrade:
+/// protocol` and `Connection: upgrade` (nothing else the client's `Connection` named).
+pub fn keep_upgrade(headers: &mut HeaderMap, protocol: HeaderValue) {
+    headers.insert(header::UPGRADE, protocol);
+    headers.insert(header::CONNECTION, UPGRADE_TOKEN.clone());
+}
+
 /// Rewrites a back end's response headers for the client.
 pub fn rewrite_response(headers: &mut HeaderMap, served_by: Option<&HeaderValue>) {
     strip_hop_by_hop(headers);
@@ -137,6 +151,7 @@ mod tests {
             proto: HeaderValue::from_static("http"),
             listener: "public".into(),
             tls: None,
+            track: None,
         }
     }
 
@@ -197,6 +212,26 @@ mod tests {
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1);
         assert_eq!(h["x-kept"], "1");
+    }
+
+    #[test]
+    fn an_upgrade_keeps_only_upgrade_and_connection_upgrade() {
+        let mut h = map(&[
+            ("host", "a"),
+            ("connection", "Upgrade, keep-alive, x-secret"),
+            ("x-secret", "1"),
+            ("upgrade", "websocket"),
+            ("keep-alive", "timeout=5"),
+            ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
+        ]);
+        let protocol = h["upgrade"].clone();
+        rewrite_request(&mut h, &fwd(false), "[::1]:80");
+        keep_upgrade(&mut h, protocol);
+        assert_eq!(h.get_all("connection").iter().count(), 1);
+        assert_eq!(h["connection"], "upgrade");
+        assert_eq!(h["upgrade"], "websocket");
+        assert_eq!(h["sec-websocket-key"], "dGhlIHNhbXBsZSBub25jZQ==");
+        assert!(h.get("x-secret").is_none() && h.get("keep-alive").is_none());
     }
 
     #[test]

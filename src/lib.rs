@@ -26,6 +26,7 @@ pub mod server;
 pub mod status;
 pub mod strict;
 pub mod tls;
+pub mod tunnel;
 pub mod upgrade;
 pub mod upstream;
 pub mod upstream_io;

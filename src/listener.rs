@@ -254,6 +254,7 @@ async fn connection(
         proto: HeaderValue::from_static("http"),
         listener: Arc::clone(&opts.listener),
         tls: None,
+        track: None,
     };
     let deadlines = Deadlines {
         header_timeout: limits.header_timeout,
@@ -262,7 +263,7 @@ async fn connection(
     let Some(acceptor) = &opts.tls else {
         let errors = Some(Arc::clone(proxy.unrouted()));
         let io = ClientIo::new(stream, Track::counting(deadlines, errors));
-        return serve_http1(io, proxy, fwd, &limits, watcher).await;
+        return serve_http1(io, proxy, fwd, &limits, watcher, stop).await;
     };
     let tls = match tokio::time::timeout(limits.header_timeout, acceptor.accept(stream)).await {
         Ok(Ok(s)) => s,
@@ -278,7 +279,7 @@ async fn connection(
     if !h2 {
         let errors = Some(Arc::clone(proxy.unrouted()));
         let io = ClientIo::new(tls, Track::counting(deadlines, errors));
-        return serve_http1(io, proxy, fwd, &limits, watcher).await;
+        return serve_http1(io, proxy, fwd, &limits, watcher, stop).await;
     }
     serve_h2(tls, proxy, fwd, &limits, watcher, stop).await
 }
@@ -364,18 +365,27 @@ where
     }
 }
 
+/// Serves HTTP/1.1 on a connection, and then the tunnel its last request may have
+/// switched it to ([`crate::tunnel`]). The connection counts in graceful shutdown by
+/// holding `watcher` until both are over; it is told to finish its request in flight
+/// and close when `stop` says the listener stops (a tunnel is not interrupted: it
+/// lasts until it ends or the process exits).
 async fn serve_http1<I>(
     io: ClientIo<I>,
     proxy: Arc<Proxy>,
-    fwd: Forwarded,
+    mut fwd: Forwarded,
     limits: &LimitsSpec,
     watcher: Watcher,
+    mut stop: tokio::sync::watch::Receiver<bool>,
 ) -> Result<(), ConnError>
 where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let fwd = Arc::new(fwd);
+    let _watcher = watcher;
     let track = Arc::clone(io.track());
+    let tunnel = Arc::clone(&track);
+    fwd.track = Some(Arc::clone(&track));
+    let fwd = Arc::new(fwd);
     let first = Arc::new(tokio::sync::Notify::new());
     let seen = Arc::clone(&first);
     let svc = service_fn(move |req| {
@@ -395,7 +405,9 @@ where
     // writev(false): hyper copies head and body into one buffer and writes it with one
     // `write`, rather than a `writev` of several slices: 13 % more maintenance pages
     // per second on one core (BENCHMARKS.md, "Write strategy").
-    let mut conn = http1::Builder::new()
+    // With upgrades: after a `101` hyper hands the stream to the request's upgrade
+    // (the tunnel) and the connection future ends.
+    let conn = http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(None)
         .max_headers(limits.max_headers)
@@ -403,17 +415,33 @@ where
         .max_buf_size(limits.max_header_bytes.max(8192))
         .keep_alive(true)
         .writev(false)
-        .serve_connection(TokioIo::new(io), svc);
+        .serve_connection(TokioIo::new(io), svc)
+        .with_upgrades();
+    tokio::pin!(conn);
     // Until its first request arrives, a fresh connection holds the watcher (so a
     // shutdown waits for it) but is not told to shut down: hyper would close it
     // unread, and the client's request may already be in the socket buffer (a
     // connection accepted just before SIGTERM or an upgrade). Bounded by the head
     // deadline.
-    tokio::select! {
-        r = &mut conn => return Ok(r?),
-        _ = first.notified() => {}
+    let done = tokio::select! {
+        r = conn.as_mut() => {
+            r?;
+            true
+        }
+        _ = first.notified() => false,
+    };
+    if !done {
+        tokio::select! {
+            r = conn.as_mut() => r?,
+            // A closed channel means the server is gone: drain too.
+            _ = async { stop.wait_for(|stopped| *stopped).await.is_ok() } => {
+                conn.as_mut().graceful_shutdown();
+                conn.as_mut().await?;
+            }
+        }
     }
-    Ok(watcher.watch(conn).await?)
+    tunnel.tunnel_closed().await;
+    Ok(())
 }
 
 #[cfg(test)]

@@ -4,7 +4,8 @@
 //! it) once and uses it to the end, so a reload in the middle never mixes two configs.
 //! Every answer is counted once in `launchday_requests_total`, with `backend="-"` when
 //! launchday answered itself; locally generated answers carry `X-Served-By: launchday`
-//! and an `X-Launchday-Error` saying why.
+//! and an `X-Launchday-Error` saying why. An upgrade request whose back end answers
+//! `101` becomes a tunnel ([`crate::tunnel`]); its `101` is counted as a `1xx`.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -28,7 +29,8 @@ use crate::pool::Pool;
 use crate::route::{strip_port, Router};
 use crate::strict::{self, Reject};
 use crate::tls::certs;
-use crate::upstream::{Failed, Upstream, UpstreamError};
+use crate::tunnel::{self, TunnelError, Upgrade};
+use crate::upstream::{Checkin, Failed, Upstream, UpstreamError};
 use crate::upstream_io::UpstreamTimeouts;
 
 /// What a request needs from the configuration, built once per snapshot.
@@ -172,7 +174,7 @@ impl Proxy {
     /// found (HTTP/1; default for HTTP/2).
     pub async fn handle(
         &self,
-        req: Request<Incoming>,
+        mut req: Request<Incoming>,
         fwd: &Forwarded,
         verdict: Verdict,
     ) -> Response<Body> {
@@ -186,8 +188,13 @@ impl Proxy {
         // Only with an access log: what the line needs from the request itself.
         let head = live.access_log.as_ref().map(|_| RequestHead::of(&req));
         let mut facts = Facts::default();
-        let mut resp = match strict::check(&req, verdict, &live.snapshot.limits) {
-            Ok(()) => self.respond(&live, listener, req, fwd, &mut facts).await,
+        let checked = strict::check(&req, verdict, &live.snapshot.limits)
+            .and_then(|()| tunnel::requested(&mut req, fwd));
+        let mut resp = match checked {
+            Ok(upgrade) => {
+                self.respond(&live, listener, req, fwd, upgrade, &mut facts)
+                    .await
+            }
             Err(reject) => {
                 let resp = refuse(reject);
                 self.unrouted.inc(resp.status());
@@ -215,6 +222,7 @@ impl Proxy {
         listener: Option<&ListenerSpec>,
         req: Request<Incoming>,
         fwd: &Forwarded,
+        upgrade: Option<Upgrade>,
         facts: &mut Facts,
     ) -> Response<Body> {
         if req.uri().path() == BEACON_PATH {
@@ -293,7 +301,13 @@ impl Proxy {
                     read: l.upstream_read_timeout,
                     write: l.upstream_write_timeout,
                 };
-                forward(parts, body, lease, fwd, class, facts, timeouts).await
+                let call = Call {
+                    fwd,
+                    class,
+                    timeouts,
+                    upgrade,
+                };
+                forward(parts, body, lease, call, facts).await
             }
             Err(shed) => {
                 facts.shed = Some(shed.reason());
@@ -464,6 +478,15 @@ async fn acquire_watching_body(
     Ok((acquired, Body::prefetched(frames, incoming)))
 }
 
+/// What [`forward`] needs besides the request and its lease.
+struct Call<'a> {
+    fwd: &'a Forwarded,
+    class: Class,
+    timeouts: UpstreamTimeouts,
+    /// The upgrade the client asked for, if it did.
+    upgrade: Option<Upgrade>,
+}
+
 /// Sends the request to the leased back end. A failure that is safe to retry (nothing
 /// was sent, or an idempotent request without a body got no response byte) is tried
 /// again on another back end, up to the pool's `retries`, through the pool's normal
@@ -473,12 +496,19 @@ async fn forward(
     mut parts: http::request::Parts,
     body: Body,
     mut lease: crate::pool::Lease,
-    fwd: &Forwarded,
-    class: Class,
+    call: Call<'_>,
     facts: &mut Facts,
-    timeouts: UpstreamTimeouts,
 ) -> Response<Body> {
+    let Call {
+        fwd,
+        class,
+        timeouts,
+        upgrade,
+    } = call;
     headers::rewrite_request(&mut parts.headers, fwd, &lease.backend().spec.address_text);
+    if let Some(up) = &upgrade {
+        headers::keep_upgrade(&mut parts.headers, up.protocol().clone());
+    }
     // Back ends get origin-form targets; absolute-form was routed on its authority.
     if parts.uri.scheme().is_some() || parts.uri.authority().is_some() {
         // RFC 9112 §3.2.2: the target's authority replaces any Host the client sent.
@@ -509,6 +539,9 @@ async fn forward(
         }
         match result {
             Ok((resp, checkin, lease)) => {
+                if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+                    return switch(upgrade, resp, checkin, lease, backend);
+                }
                 pool.passive_result(backend, !resp.status().is_server_error());
                 let (mut parts, body) = resp.into_parts();
                 headers::rewrite_response(&mut parts.headers, backend.spec.served_by.as_ref());
@@ -571,6 +604,40 @@ async fn forward(
             }
         }
     }
+}
+
+/// The back end answered `101`: the tunnel if the client asked for this upgrade,
+/// else `502` (the back-end connection, switched, is closed).
+fn switch(
+    upgrade: Option<Upgrade>,
+    resp: Response<Incoming>,
+    checkin: Checkin,
+    lease: crate::pool::Lease,
+    backend: &crate::pool::Backend,
+) -> Response<Body> {
+    let pool = Arc::clone(lease.pool());
+    let opened = match upgrade {
+        Some(up) => up.open(resp, checkin, lease, backend.spec.served_by.as_ref()),
+        None => Err(TunnelError::Unasked),
+    };
+    let resp = match opened {
+        Ok(resp) => {
+            pool.passive_result(backend, true);
+            resp
+        }
+        Err(e) => {
+            tracing::warn!(pool = %pool.name(), backend = %backend.spec.name, error = %e,
+                "refusing the back end's switch of protocols");
+            pool.passive_result(backend, false);
+            local(
+                StatusCode::BAD_GATEWAY,
+                e.code(),
+                "The back end switched protocols unexpectedly.\n",
+            )
+        }
+    };
+    backend.metrics.requests.inc(resp.status());
+    resp
 }
 
 /// Whether an upstream failure was a pause limit (`upstream_*_timeout`).

@@ -7,7 +7,11 @@
 //! Invariants:
 //! - A connection goes back to the idle stack only after its response body was read
 //!   to the end ([`Checkin::reuse`], called by the response body); a response cut
-//!   short leaves the connection to be closed by hyper.
+//!   short leaves the connection to be closed by hyper. A connection that answered
+//!   `101` belongs to its tunnel ([`Checkin::switched`]) and never goes back: hyper
+//!   hands its stream to the response's upgrade (the driver runs `with_upgrades`).
+//!   Any other answer to an upgrade request leaves the connection HTTP (the back end
+//!   ignored the `Upgrade`), reusable under the rule above.
 //! - A request is retried on another connection when hyper hands it back unsent
 //!   (`TrySendError::take_message`). When a reused keep-alive connection dies after
 //!   the request went out but before any response byte (the back end's keep-alive
@@ -117,6 +121,16 @@ pub struct Checkin {
 }
 
 impl Checkin {
+    /// The connection answered `101` and now carries a tunnel: its pause limits stop
+    /// (the tunnel has its own inactivity limit), and it is never reused. Dropping
+    /// the `Checkin` afterwards drops only the request handle; the stream lives on in
+    /// the response's upgrade.
+    pub fn switched(&self) {
+        if let Some((_, activity)) = &self.sender {
+            activity.end();
+        }
+    }
+
     /// Returns the connection to the idle stack (its response was read to the end).
     pub fn reuse(self) {
         let Some((sender, activity)) = self.sender else {
@@ -334,14 +348,17 @@ impl<H: Send + 'static> Drop for Exchange<'_, H> {
             let mut complete = false;
             if let Ok(resp) = sending.await {
                 use http_body_util::BodyExt;
+                // A `101` switched the connection to the dropped upgrade: never reused.
+                let switched = resp.status() == hyper::StatusCode::SWITCHING_PROTOCOLS;
                 let mut body = resp.into_body();
-                complete = loop {
-                    match body.frame().await {
-                        Some(Ok(_)) => {}
-                        Some(Err(_)) => break false,
-                        None => break true,
-                    }
-                };
+                complete = !switched
+                    && loop {
+                        match body.frame().await {
+                            Some(Ok(_)) => {}
+                            Some(Err(_)) => break false,
+                            None => break true,
+                        }
+                    };
             }
             let reusable = complete && sender.ready().await.is_ok();
             drop(hold);
@@ -369,7 +386,8 @@ impl Upstream {
             .await
             .map_err(|source| UpstreamError::Handshake { addr, source })?;
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
+            // With upgrades: after a `101` the stream goes to the response's upgrade.
+            if let Err(e) = conn.with_upgrades().await {
                 tracing::debug!(%addr, error = %e, "upstream connection ended");
             }
         });

@@ -178,8 +178,8 @@ pub struct BackendConfig {
     pub address: Option<String>,
     /// `weight`: 0 (drained) to 1_000_000. Default `1`.
     pub weight: Option<i64>,
-    /// `max_connections`: concurrent requests in flight, at least 1. Default: absent,
-    /// unlimited.
+    /// `max_connections`: concurrent requests in flight (open upgrade tunnels
+    /// included), at least 1. Default: absent, unlimited.
     pub max_connections: Option<i64>,
     /// `served_by`: `X-Served-By` value added when the back end sends none. Default:
     /// absent, no header added.
@@ -229,7 +229,8 @@ pub struct LimitsConfig {
     /// `header_timeout`: deadline for the whole request head (humantime, more than 0).
     /// Default `"10s"`.
     pub header_timeout: Option<String>,
-    /// `idle_timeout`: keep-alive idle timeout (humantime, more than 0). Default `"60s"`.
+    /// `idle_timeout`: keep-alive idle timeout, and the longest silence of an upgrade
+    /// tunnel (humantime, more than 0). Default `"60s"`.
     pub idle_timeout: Option<String>,
     /// `body_timeout`: longest pause between two reads of a request body (humantime,
     /// more than 0). Default `"60s"`.
@@ -242,7 +243,8 @@ pub struct LimitsConfig {
     pub max_uri_bytes: Option<i64>,
     /// `max_body_bytes`: request body size; `0` = unlimited. Default `0`.
     pub max_body_bytes: Option<i64>,
-    /// `max_connections`: open client connections per listener, at least 1. Default `10000`.
+    /// `max_connections`: open client connections per listener (tunnels included), at
+    /// least 1. Default `10000`.
     pub max_connections: Option<i64>,
     /// `upstream_connect_timeout`: connecting to a back end (humantime, more than 0).
     /// Default `"5s"`.

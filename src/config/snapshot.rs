@@ -168,7 +168,8 @@ pub struct BackendSpec {
     pub address: SocketAddr,
     /// 0 = drained (no new requests). Default 1.
     pub weight: u32,
-    /// Concurrent requests in flight to this back end; `None` = unlimited (default).
+    /// Concurrent requests in flight to this back end, open upgrade tunnels included;
+    /// `None` = unlimited (default).
     pub max_connections: Option<u32>,
     /// Value for `X-Served-By` when the back end sends none.
     pub served_by: Option<HeaderValue>,
@@ -205,7 +206,8 @@ pub struct MaintenanceSpec {
 pub struct LimitsSpec {
     /// Deadline for the whole request head (default 10s).
     pub header_timeout: Duration,
-    /// Keep-alive idle timeout (default 60s).
+    /// Keep-alive idle timeout, and the longest silence of an upgrade tunnel
+    /// (default 60s).
     pub idle_timeout: Duration,
     /// Longest pause between two reads of a request body (default 60s).
     pub body_timeout: Duration,
@@ -217,7 +219,7 @@ pub struct LimitsSpec {
     pub max_uri_bytes: usize,
     /// Request body size; `None` = unlimited (default).
     pub max_body_bytes: Option<u64>,
-    /// Open client connections per listener (default 10000).
+    /// Open client connections per listener, upgrade tunnels included (default 10000).
     pub max_connections: usize,
     /// Connecting to a back end (default 5s).
     pub upstream_connect_timeout: Duration,

@@ -617,7 +617,7 @@ impl Pool {
         Some(Lease {
             pool: Arc::clone(self),
             backend: Arc::clone(b),
-            started: Instant::now(),
+            started: Some(Instant::now()),
             armed: true,
         })
     }
@@ -642,13 +642,17 @@ impl Pool {
     }
 
     /// Gives one unit of `backend` back and hands free capacity to waiters.
-    fn release(self: &Arc<Self>, backend: &Backend, started: Instant) {
+    /// `started`: when its request began, to observe its service time (`None`: a
+    /// tunnel, whose service time was observed when it opened).
+    fn release(self: &Arc<Self>, backend: &Backend, started: Option<Instant>) {
         let now = Instant::now();
         let mut st = self.state.lock();
         backend.load.in_flight.fetch_sub(1, Ordering::Relaxed);
         backend.metrics.in_flight.dec();
-        st.service
-            .observe(now.saturating_duration_since(started), now);
+        if let Some(started) = started {
+            st.service
+                .observe(now.saturating_duration_since(started), now);
+        }
         self.dispatch(&mut st);
     }
 
@@ -713,7 +717,8 @@ impl Drop for WaitGuard<'_> {
 pub struct Lease {
     pool: Arc<Pool>,
     backend: Arc<Backend>,
-    started: Instant,
+    /// When its request began; `None` once it became a tunnel ([`Lease::into_tunnel`]).
+    started: Option<Instant>,
     /// False once given back under the lock by [`undo`].
     armed: bool,
 }
@@ -741,6 +746,21 @@ impl Lease {
     /// The pool it belongs to.
     pub fn pool(&self) -> &Arc<Pool> {
         &self.pool
+    }
+
+    /// Its request became a tunnel (the back end answered `101`). The service time
+    /// of the request, the handshake, is observed now; the lease is then held for as
+    /// long as the tunnel lasts (so `max_connections` counts open tunnels), and its
+    /// release observes nothing more: a long tunnel is not a slow back end.
+    pub fn into_tunnel(&mut self) {
+        if let Some(started) = self.started.take() {
+            let now = Instant::now();
+            self.pool
+                .state
+                .lock()
+                .service
+                .observe(now.saturating_duration_since(started), now);
+        }
     }
 }
 

@@ -523,3 +523,19 @@ async fn draining_everything_sheds_waiters_and_the_switch_outlives_reloads() {
     p.set_maintenance(false);
     assert!(lease_now(&p, Class::Read).is_ok());
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_tunnel_holds_its_slot_but_only_its_handshake_is_service_time() {
+    let p = pool(1, 0, 1000);
+    let mut tunnel = lease_now(&p, Class::Read).expect("lease");
+    tokio::time::advance(Duration::from_millis(20)).await;
+    tunnel.into_tunnel();
+    assert_eq!(p.service_time(), Some(Duration::from_millis(20)));
+    // A ten-minute tunnel keeps the back end full all along...
+    tokio::time::advance(Duration::from_secs(600)).await;
+    assert!(matches!(lease_now(&p, Class::Read), Err(Shed::QueueFull)));
+    // ...and its end frees the slot without telling the estimate it was slow.
+    drop(tunnel);
+    assert_eq!(p.service_time(), Some(Duration::from_millis(20)));
+    assert!(lease_now(&p, Class::Read).is_ok());
+}
