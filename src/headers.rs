@@ -56,30 +56,69 @@ pub struct TlsInfo {
     pub sni: Option<Box<str>>,
 }
 
+/// The hop-by-hop headers that are always removed, after `Connection` (bit 0).
+fn hop_bit(name: &HeaderName) -> u8 {
+    if name == header::CONNECTION {
+        1
+    } else if name == header::TE {
+        1 << 1
+    } else if name == header::TRAILER {
+        1 << 2
+    } else if name == header::TRANSFER_ENCODING {
+        1 << 3
+    } else if name == header::UPGRADE {
+        1 << 4
+    } else if name == KEEP_ALIVE {
+        1 << 5
+    } else if name == PROXY_CONNECTION {
+        1 << 6
+    } else {
+        0
+    }
+}
+
 /// Removes hop-by-hop headers, including those named by `Connection`.
+///
+/// One pass over the names finds which are present, so that a message without any
+/// (most responses) costs no hashing at all, and only present ones are removed.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    if headers.contains_key(header::CONNECTION) {
+    let present = headers.keys().fold(0u8, |bits, name| bits | hop_bit(name));
+    if present == 0 {
+        return;
+    }
+    if present & 1 != 0 {
         let named: Vec<HeaderName> = headers
             .get_all(header::CONNECTION)
             .iter()
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
-            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+            .map(str::trim)
+            // The usual tokens are removed anyway (or name no header): skip them
+            // without building a header name, which would allocate.
+            .filter(|t| {
+                !["keep-alive", "close", "upgrade", "te", "trailer", "transfer-encoding"]
+                    .iter()
+                    .any(|known| t.eq_ignore_ascii_case(known))
+            })
+            .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
+            .filter(|n| hop_bit(n) == 0)
             .collect();
         for name in named {
             headers.remove(name);
         }
-        headers.remove(header::CONNECTION);
     }
-    for name in [
-        &KEEP_ALIVE,
-        &PROXY_CONNECTION,
-        &header::TE,
-        &header::TRAILER,
-        &header::TRANSFER_ENCODING,
-        &header::UPGRADE,
+    for (bit, name) in [
+        (0, &header::CONNECTION),
+        (1, &header::TE),
+        (2, &header::TRAILER),
+        (3, &header::TRANSFER_ENCODING),
+        (4, &header::UPGRADE),
+        (5, &KEEP_ALIVE),
+        (6, &PROXY_CONNECTION),
     ] {
-        headers.remove(name);
+        if present & (1 << bit) != 0 {
+            headers.remove(name);
+        }
     }
 }
 
