@@ -49,6 +49,30 @@ pub struct RootConfig {
     pub limits: Option<LimitsConfig>,
     /// `[access_log]`: one line per request. Default: absent, no access log.
     pub access_log: Option<AccessLogConfig>,
+    /// `[[snapshots]]`: hot pages served from memory, refreshed in the background.
+    /// Default: none.
+    pub snapshots: Option<Vec<SnapshotConfig>>,
+}
+
+/// One `[[snapshots]]` entry: pages of one pool kept as edge snapshots.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotConfig {
+    /// `pool`: the pool the pages are fetched from. Required.
+    pub pool: Option<String>,
+    /// `paths`: exact paths, each optionally with a query string (`"/?page=1"`).
+    /// Required, non-empty.
+    pub paths: Option<Vec<String>>,
+    /// `host`: only requests for this host (exact name, no port). Default: any host.
+    pub host: Option<String>,
+    /// `refresh`: time between fetches (humantime, more than 0). Default `"60s"`.
+    pub refresh: Option<String>,
+    /// `max_stale`: how long the last good copy may be served while fetches fail
+    /// (humantime). Default `"1h"`.
+    pub max_stale: Option<String>,
+    /// `ignore_cookies`: serve the same copy to requests with cookies; when `false`,
+    /// requests with a `Cookie` bypass the snapshot. Default `true`.
+    pub ignore_cookies: Option<bool>,
 }
 
 /// `[access_log]`.

@@ -41,6 +41,28 @@ pub struct Snapshot {
     pub limits: LimitsSpec,
     /// `None` = no access log.
     pub access_log: Option<AccessLogSpec>,
+    /// Edge snapshots, one per (host, path); `(host, path)` pairs are unique.
+    pub snapshots: Vec<EdgeSnapshotSpec>,
+}
+
+/// One page kept as an edge snapshot (a `[[snapshots]]` entry has one per path).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EdgeSnapshotSpec {
+    /// The metric label: `host` + `path`, or `path` alone.
+    pub name: String,
+    /// Index into `pools`.
+    pub pool: usize,
+    /// Lowercase host name without port; `None` = any host.
+    pub host: Option<String>,
+    /// Path with optional `?query`, matched exactly against the request target.
+    pub path: String,
+    /// Time between fetches (default 60s).
+    pub refresh: Duration,
+    /// How long the last good copy may be served after it was fetched, while fetches
+    /// fail (default 1h).
+    pub max_stale: Duration,
+    /// Requests with cookies get the snapshot too (default `true`).
+    pub ignore_cookies: bool,
 }
 
 /// Where and how the access log is written.

@@ -17,6 +17,7 @@ use super::{
 
 mod listeners;
 mod pools;
+mod snapshots;
 
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 const MAX_THREADS: i64 = 4096;
@@ -69,6 +70,7 @@ pub fn validate(
         listeners::listeners(e, raw.listeners.unwrap_or_default(), &mut binds, base_dir);
     let raw_pools = raw.pools.unwrap_or_default();
     let routes = routes(e, raw.routes.unwrap_or_default(), &raw_pools);
+    let snapshots = snapshots::snapshots(e, raw.snapshots.unwrap_or_default(), &raw_pools);
     let pools = raw_pools
         .into_iter()
         .map(|(name, pool)| pools::pool_spec(e, name, pool, allow_ipv4_backends))
@@ -94,6 +96,7 @@ pub fn validate(
         maintenance,
         limits,
         access_log,
+        snapshots,
     })
 }
 
