@@ -166,7 +166,11 @@ fn describe_parse_error(
         let column = before.chars().rev().take_while(|&c| c != '\n').count() + 1;
         (line, column)
     });
-    let message = one_line(inner.message());
+    let mut message = one_line(inner.message());
+    if message.trim().is_empty() {
+        // Some TOML errors carry no text (found by fuzzing: "a =", "#\x01").
+        message = "invalid TOML".to_owned();
+    }
     if let Some(expected) = unknown_key(&message) {
         let hint = match location {
             Some((line, _)) => format!("{expected}; line {line}"),
@@ -254,6 +258,15 @@ mod tests {
 
     fn parse_error(text: &str) -> String {
         parse(text).err().map(|e| e.to_string()).unwrap_or_default()
+    }
+
+    #[test]
+    fn syntax_errors_always_say_what_is_wrong() {
+        for text in ["a =", "#\u{1}", "a = 1\nb ="] {
+            let e = parse(text).expect_err("invalid");
+            assert!(!e.problem.trim().is_empty(), "{text:?}: {e}");
+            assert!(!e.path.is_empty(), "{text:?}: {e}");
+        }
     }
 
     #[test]
