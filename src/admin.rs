@@ -1,7 +1,8 @@
 //! The admin listener: `GET /metrics` (Prometheus text format 0.0.4),
 //! `GET /status` (a page a person reads) and `GET /api/status` (the same as JSON),
 //! `POST /api/reload` (answers `ok`, or 422 with every validation error) and
-//! `POST /api/pools/{pool}/maintenance` with the body `on` or `off`.
+//! `POST /api/pools/{pool}/maintenance` with the body `on` or `off`, and
+//! `POST /api/snapshots/refresh[?name=LABEL]` (fetches edge snapshots now and waits).
 //!
 //! Served only on the `[admin] listen` addresses (loopback by default), never on a
 //! public listener. The maintenance
@@ -123,13 +124,40 @@ pub async fn handle(server: &Arc<Server>, req: Request<Incoming>) -> Response<Bo
                 None => text(StatusCode::NOT_FOUND, format!("no pool named {pool:?}\n")),
             }
         }
-        (_, ["metrics"]) | (_, ["api", "reload"]) | (_, ["api", "pools", _, "maintenance"]) => {
-            local(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "method_not_allowed",
-                "Wrong method for this path.\n",
-            )
+        (&Method::POST, ["api", "snapshots", "refresh"]) => {
+            // `?name=LABEL` refreshes one snapshot; without it, all. Waits for the
+            // fetches, so the answer says whether the new copy is in.
+            let name = req.uri().query().and_then(|q| {
+                q.split('&')
+                    .find_map(|kv| kv.strip_prefix("name="))
+                    .map(str::to_owned)
+            });
+            let Some(edge) = proxy.live().snapshots.clone() else {
+                return text(
+                    StatusCode::NOT_FOUND,
+                    "no snapshots are configured\n".into(),
+                );
+            };
+            match edge.refresh_and_wait(name.as_deref()).await {
+                Ok(results) => {
+                    let lines: String = results
+                        .iter()
+                        .map(|(n, r)| format!("{n}: {}\n", r.map_or("removed", |r| r.as_str())))
+                        .collect();
+                    tracing::info!(count = results.len(), "snapshots refreshed (admin API)");
+                    text(StatusCode::OK, lines)
+                }
+                Err(e) => text(StatusCode::NOT_FOUND, format!("{e}\n")),
+            }
         }
+        (_, ["metrics"])
+        | (_, ["api", "reload"])
+        | (_, ["api", "pools", _, "maintenance"])
+        | (_, ["api", "snapshots", "refresh"]) => local(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            "Wrong method for this path.\n",
+        ),
         _ => local(
             StatusCode::NOT_FOUND,
             "not_found",

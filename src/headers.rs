@@ -96,9 +96,16 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
             // The usual tokens are removed anyway (or name no header): skip them
             // without building a header name, which would allocate.
             .filter(|t| {
-                !["keep-alive", "close", "upgrade", "te", "trailer", "transfer-encoding"]
-                    .iter()
-                    .any(|known| t.eq_ignore_ascii_case(known))
+                ![
+                    "keep-alive",
+                    "close",
+                    "upgrade",
+                    "te",
+                    "trailer",
+                    "transfer-encoding",
+                ]
+                .iter()
+                .any(|known| t.eq_ignore_ascii_case(known))
             })
             .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
             .filter(|n| hop_bit(n) == 0)

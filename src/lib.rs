@@ -10,6 +10,7 @@ pub mod body;
 pub mod config;
 pub mod conn;
 pub mod demo;
+pub mod edge;
 pub mod headers;
 pub mod health;
 pub mod history;

@@ -42,11 +42,12 @@ pub enum Encoding {
     Brotli = 2,
 }
 
+/// One content coding of a page (also used by [`crate::edge`] snapshots).
 #[derive(Debug, Clone)]
-struct Variant {
-    body: Bytes,
-    encoding: Option<HeaderValue>,
-    length: HeaderValue,
+pub(crate) struct Variant {
+    pub(crate) body: Bytes,
+    pub(crate) encoding: Option<HeaderValue>,
+    pub(crate) length: HeaderValue,
 }
 
 /// The rendered page, all variants.
@@ -145,7 +146,8 @@ fn insert_after_body_tag(html: &str, notice: &str) -> String {
     }
 }
 
-fn variants(identity: Bytes) -> [Variant; 3] {
+/// The identity, gzip and brotli variants of `identity`, in [`Encoding`] order.
+pub(crate) fn variants(identity: Bytes) -> [Variant; 3] {
     let gzip = {
         let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
         // Writing into a Vec cannot fail.

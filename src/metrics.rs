@@ -49,6 +49,7 @@ pub struct Metrics {
     access_log_dropped: IntCounter,
     connections: IntGaugeVec,
     connections_refused: IntCounterVec,
+    snapshots: crate::edge::SnapshotMetrics,
 }
 
 /// The connection metrics of one listener.
@@ -209,7 +210,9 @@ impl Metrics {
         ] {
             registry.register(c)?;
         }
+        let snapshots = crate::edge::SnapshotMetrics::register(&registry)?;
         Ok(Metrics {
+            snapshots,
             registry,
             requests,
             duration,
@@ -229,6 +232,11 @@ impl Metrics {
             connections,
             connections_refused,
         })
+    }
+
+    /// The edge-snapshot metric families.
+    pub fn snapshots(&self) -> &crate::edge::SnapshotMetrics {
+        &self.snapshots
     }
 
     /// The connection metrics of the listener `name` (the same handles for every

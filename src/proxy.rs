@@ -22,6 +22,9 @@ use crate::accesslog::{AccessLog, Entry, Facts};
 use crate::body::{Body, BodyError, ClientBody};
 use crate::config::{AccessLogSpec, Class, ListenerSpec, Snapshot};
 use crate::conn::Verdict;
+use crate::edge::{
+    FetchError, FetchFuture, FetchedPage, SnapshotSpec, Snapshots, X_LAUNCHDAY_SNAPSHOT,
+};
 use crate::headers::{self, Forwarded, X_LAUNCHDAY_ERROR, X_SERVED_BY};
 use crate::maintenance::{MaintenancePage, BEACON_PATH};
 use crate::metrics::{CodeCounters, Metrics};
@@ -43,19 +46,23 @@ pub struct Live {
     pub page: MaintenancePage,
     /// The access log, when configured.
     pub access_log: Option<AccessLog>,
+    /// Edge snapshots, when any are configured.
+    pub snapshots: Option<Arc<Snapshots>>,
 }
 
 /// The handler shared by every connection of every listener.
 pub struct Proxy {
-    live: ArcSwap<Live>,
+    live: Arc<ArcSwap<Live>>,
     metrics: Metrics,
     unrouted: Arc<CodeCounters>,
     /// Connection pools by back-end address, shared by pools and kept across reloads.
     upstreams: Mutex<HashMap<SocketAddr, Arc<Upstream>>>,
     /// Pools by name, kept across reloads (queues, estimates, back-end loads).
-    pools: Mutex<HashMap<String, Arc<Pool>>>,
+    pools: Arc<Mutex<HashMap<String, Arc<Pool>>>>,
     /// The running access log and its settings.
     log: Mutex<Option<(AccessLogSpec, AccessLog)>>,
+    /// The snapshot registry, kept across reloads once a config had snapshots.
+    edge: Mutex<Option<Arc<Snapshots>>>,
 }
 
 static LAUNCHDAY: HeaderValue = HeaderValue::from_static("launchday");
@@ -66,18 +73,20 @@ impl Proxy {
     pub fn new(snapshot: Arc<Snapshot>, metrics: Metrics) -> Arc<Self> {
         let unrouted = Arc::new(metrics.unrouted());
         let proxy = Proxy {
-            live: ArcSwap::from_pointee(Live {
+            live: Arc::new(ArcSwap::from_pointee(Live {
+                snapshots: None,
                 access_log: None,
                 page: MaintenancePage::render("", "", std::time::Duration::ZERO),
                 snapshot: Arc::clone(&snapshot),
                 router: Router::default(),
                 pools: Vec::new(),
-            }),
+            })),
             metrics,
             unrouted,
             upstreams: Mutex::new(HashMap::new()),
-            pools: Mutex::new(HashMap::new()),
+            pools: Arc::new(Mutex::new(HashMap::new())),
             log: Mutex::new(None),
+            edge: Mutex::new(None),
         };
         let live = proxy.build(snapshot);
         proxy.live.store(Arc::new(live));
@@ -137,12 +146,58 @@ impl Proxy {
             .flat_map(|p| p.backends.iter().map(|b| b.address))
             .collect();
         upstreams.retain(|addr, _| in_use.contains(addr));
+        drop(upstreams);
+        drop(registry);
         Live {
+            snapshots: self.snapshots(&snapshot),
             access_log: self.access_log(&snapshot),
             router: Router::new(&snapshot.routes),
             page: MaintenancePage::new(&snapshot.maintenance),
             pools,
             snapshot,
+        }
+    }
+
+    /// The snapshot registry for `snapshot`: the running one reconfigured (copies of
+    /// unchanged pages kept), or a new one on the first config with snapshots.
+    fn snapshots(&self, snapshot: &Snapshot) -> Option<Arc<Snapshots>> {
+        let specs: Vec<SnapshotSpec> = snapshot
+            .snapshots
+            .iter()
+            .map(|s| SnapshotSpec {
+                name: s.name.clone(),
+                pool: snapshot.pools[s.pool].name.clone(),
+                host: s.host.clone(),
+                path: s.path.clone(),
+                refresh: s.refresh,
+                max_stale: s.max_stale,
+                ignore_cookies: s.ignore_cookies,
+            })
+            .collect();
+        let mut current = self.edge.lock();
+        if let Some(running) = current.as_ref() {
+            if let Err(e) = running.reconfigure(specs) {
+                tracing::error!(error = %e, "snapshots not reconfigured; the old ones stay");
+            }
+            return (!running.is_empty()).then(|| Arc::clone(running));
+        }
+        if specs.is_empty() || tokio::runtime::Handle::try_current().is_err() {
+            return None;
+        }
+        let fetcher = Arc::new(SnapshotFetch {
+            live: Arc::clone(&self.live),
+            pools: Arc::clone(&self.pools),
+        });
+        match Snapshots::new(specs, fetcher, self.metrics.snapshots().clone()) {
+            Ok(s) => {
+                let s = Arc::new(s);
+                *current = Some(Arc::clone(&s));
+                Some(s)
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "snapshots not started");
+                None
+            }
         }
     }
 
@@ -254,6 +309,16 @@ impl Proxy {
                 }
             }
             _ => {}
+        }
+        if let Some(edge) = &live.snapshots {
+            let target = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
+            if let Some(hit) = edge.serve(req.method(), host, target, req.headers()).await {
+                match live.pools.iter().find(|p| *p.name() == *hit.pool) {
+                    Some(pool) => pool.metrics.local.inc(hit.response.status()),
+                    None => self.unrouted.inc(hit.response.status()),
+                }
+                return hit.response;
+            }
         }
         let Some(matched) = live.router.route(host, req.uri().path()) else {
             let resp = local(
@@ -702,4 +767,75 @@ pub fn local(status: StatusCode, error: &'static str, text: &'static str) -> Res
     h.insert(X_SERVED_BY.clone(), LAUNCHDAY.clone());
     h.insert(X_LAUNCHDAY_ERROR.clone(), HeaderValue::from_static(error));
     resp
+}
+
+/// Fetches snapshot pages through the live config's pool: its admission (so a fetch
+/// takes a slot of `max_connections` and may be shed), selection and upstream
+/// connections, under the `[limits]` upstream timeouts.
+struct SnapshotFetch {
+    /// For the limits (a fetch may start before its config's live state is stored).
+    live: Arc<ArcSwap<Live>>,
+    /// The pools by name, updated before any snapshot of a config starts.
+    pools: Arc<Mutex<HashMap<String, Arc<Pool>>>>,
+}
+
+impl crate::edge::Fetch for SnapshotFetch {
+    fn fetch<'a>(&'a self, spec: &'a SnapshotSpec) -> FetchFuture<'a> {
+        Box::pin(async move {
+            use http_body_util::BodyExt;
+            let live = self.live.load_full();
+            let pool = self
+                .pools
+                .lock()
+                .get(&spec.pool)
+                .cloned()
+                .ok_or(FetchError::Shed("no_backend"))?;
+            let lease = pool
+                .acquire(Class::Read)
+                .await
+                .map_err(|shed| FetchError::Shed(shed.reason()))?;
+            let backend = lease.backend_arc();
+            let host = spec.host.as_deref().unwrap_or(&backend.spec.address_text);
+            let req = Request::get(spec.path.as_str())
+                .header(header::HOST, host)
+                .header(X_LAUNCHDAY_SNAPSHOT.clone(), "1")
+                .header(header::ACCEPT_ENCODING, "identity")
+                .body(Body::Empty)
+                .map_err(|e| FetchError::Upstream(Box::new(e)))?;
+            let l = &live.snapshot.limits;
+            let timeouts = UpstreamTimeouts {
+                connect: l.upstream_connect_timeout,
+                read: l.upstream_read_timeout,
+                write: l.upstream_write_timeout,
+            };
+            let (resp, checkin, lease) = match backend.upstream.send(req, timeouts, lease).await {
+                Ok(ok) => ok,
+                Err((failed, _lease)) => {
+                    pool.passive_result(&backend, false);
+                    return Err(FetchError::Upstream(Box::new(failed.error)));
+                }
+            };
+            let status = resp.status();
+            pool.passive_result(&backend, !status.is_server_error());
+            backend.metrics.requests.inc(status);
+            let (parts, body) = resp.into_parts();
+            let body = Body::upstream(body, checkin, lease);
+            let limit = crate::edge::MAX_BODY;
+            let collected = http_body_util::Limited::new(body, limit)
+                .collect()
+                .await
+                .map_err(|e| {
+                    if e.is::<http_body_util::LengthLimitError>() {
+                        FetchError::TooLarge(limit)
+                    } else {
+                        FetchError::Upstream(e)
+                    }
+                })?;
+            Ok(FetchedPage {
+                status,
+                headers: parts.headers,
+                body: collected.to_bytes(),
+            })
+        })
+    }
 }
