@@ -63,13 +63,28 @@ pub(super) fn snapshots(
             REFRESH,
             Zero::Forbidden,
         );
-        let max_stale = fields::duration(
+        let mut max_stale = fields::duration(
             e,
             &format!("{at}.max_stale"),
             entry.max_stale.as_deref(),
             MAX_STALE,
             Zero::Allowed,
         );
+        if max_stale < refresh && entry.max_stale.is_some() {
+            // max_stale counts from the last good fetch: shorter than refresh, the copy
+            // would lapse before the next fetch even with a healthy back end.
+            e.push(
+                ConfigError::new(
+                    format!("{at}.max_stale"),
+                    format!("{max_stale:?} is shorter than refresh ({refresh:?})"),
+                )
+                .with_hint("max_stale counts from the last good fetch; make it at least refresh"),
+            );
+        }
+        if entry.max_stale.is_none() {
+            // The default is an hour, or one refresh when that is longer.
+            max_stale = max_stale.max(refresh);
+        }
         let paths = entry.paths.unwrap_or_default();
         if paths.is_empty() {
             e.push(
@@ -126,7 +141,7 @@ mod tests {
         let text = format!(
             "{LISTENER}{ROUTE}{POOL}[[snapshots]]\npool = \"blog\"\npaths = [\"/\", \"/news?page=1\"]\n\
              [[snapshots]]\npool = \"blog\"\nhost = \"Blog.Example.org\"\npaths = [\"/\"]\n\
-             refresh = \"5s\"\nmax_stale = \"0s\"\nignore_cookies = false\n"
+             refresh = \"5s\"\nmax_stale = \"5s\"\nignore_cookies = false\n"
         );
         let s = load(&text).expect("valid");
         assert_eq!(s.snapshots.len(), 3);
@@ -140,7 +155,7 @@ mod tests {
         assert_eq!(hosted.host.as_deref(), Some("blog.example.org"));
         assert_eq!(hosted.name, "blog.example.org/");
         assert_eq!(hosted.refresh, Duration::from_secs(5));
-        assert_eq!(hosted.max_stale, Duration::ZERO);
+        assert_eq!(hosted.max_stale, Duration::from_secs(5));
         assert!(!hosted.ignore_cookies);
     }
 
@@ -148,7 +163,7 @@ mod tests {
     fn every_problem_is_reported_with_its_path() {
         let text = format!(
             "{LISTENER}{ROUTE}{POOL}[[snapshots]]\npool = \"nope\"\npaths = [\"x\", \"/\"]\n\
-             refresh = \"0s\"\n[[snapshots]]\npaths = []\nhost = \"*.example.org\"\n\
+             refresh = \"0s\"\n[[snapshots]]\npaths = []\nrefresh = \"2m\"\nmax_stale = \"1m\"\nhost = \"*.example.org\"\n\
              [[snapshots]]\npool = \"blog\"\npaths = [\"/a\", \"/a\"]\n"
         );
         let errors = load(&text).expect_err("invalid").to_string();
@@ -159,6 +174,7 @@ mod tests {
             "snapshots[1].pool: missing or empty",
             "snapshots[1].host: \"*.example.org\" is a wildcard",
             "snapshots[1].paths: no paths",
+            "snapshots[1].max_stale: 60s is shorter than refresh (120s)",
             "snapshots[2].paths[1]: \"/a\" is already a snapshot (first at snapshots[2].paths[0])",
         ] {
             assert!(errors.contains(want), "missing {want:?} in:\n{errors}");
