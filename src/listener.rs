@@ -86,8 +86,11 @@ pub mod h2_limits {
     /// also outnumber the answered ones: then GOAWAY and close. This is the paced
     /// form of rapid reset, which h2's pending-accept counter cannot see (each reset
     /// arrives after the stream was accepted), and which would otherwise let one
-    /// connection keep far more than 100 requests busy on the back ends.
-    pub const MAX_CANCELLED_STREAMS: u32 = 100;
+    /// connection keep far more than 100 requests busy on the back ends. Half the
+    /// stream limit: the cancelled requests keep their back-end slots until the back
+    /// end answers (see `upstream::send`), so together with the streams still open
+    /// they stay within one connection's fair share.
+    pub const MAX_CANCELLED_STREAMS: u32 = 50;
 }
 
 /// Cancelled and answered requests of one HTTP/2 connection.
