@@ -94,9 +94,11 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
             .flat_map(|v| v.split(','))
             .map(str::trim)
             // The usual tokens are removed anyway (or name no header): skip them
-            // without building a header name, which would allocate.
+            // without building a header name, which would allocate. `host` too: a
+            // client must not strip the Host it was routed by (found by fuzzing).
             .filter(|t| {
                 ![
+                    "host",
                     "keep-alive",
                     "close",
                     "upgrade",
@@ -258,6 +260,14 @@ mod tests {
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1);
         assert_eq!(h["x-kept"], "1");
+    }
+
+    #[test]
+    fn connection_cannot_name_host_away() {
+        let mut h = map(&[("host", "blog.example"), ("connection", "Host, close")]);
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h["host"], "blog.example");
+        assert!(!h.contains_key("connection"));
     }
 
     #[test]

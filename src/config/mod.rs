@@ -56,10 +56,13 @@ impl ConfigError {
 }
 
 impl fmt::Display for ConfigError {
+    /// Always one line: line breaks inside (a file name with a newline, say) are
+    /// written as `\n`, so that `launchday check` prints one error a line.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {}", self.path, self.problem)?;
+        let one = |s: &str| s.replace('\r', "\\r").replace('\n', "\\n");
+        write!(f, "{}: {}", one(&self.path), one(&self.problem))?;
         if let Some(hint) = &self.hint {
-            write!(f, " ({hint})")?;
+            write!(f, " ({})", one(hint))?;
         }
         Ok(())
     }
@@ -258,6 +261,15 @@ mod tests {
 
     fn parse_error(text: &str) -> String {
         parse(text).err().map(|e| e.to_string()).unwrap_or_default()
+    }
+
+    #[test]
+    fn an_error_displays_on_one_line_whatever_it_contains() {
+        let e = ConfigError::new("maintenance.page", "\"a\nb.html\" does not exist")
+            .with_hint("line\r\nbreak");
+        let shown = e.to_string();
+        assert!(!shown.contains('\n') && !shown.contains('\r'), "{shown}");
+        assert!(shown.contains("a\\nb.html"), "{shown}");
     }
 
     #[test]

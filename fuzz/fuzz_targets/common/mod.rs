@@ -23,6 +23,7 @@ use launchday::config::ConfigError;
 pub fn fixtures() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
+        remove_stale_fixtures();
         let dir = std::env::temp_dir().join(format!("launchday-fuzz-{}", std::process::id()));
         let write = |name: &str, bytes: &[u8]| {
             std::fs::write(dir.join(name), bytes)
@@ -51,6 +52,28 @@ pub fn fixtures() -> &'static Path {
         }
         dir
     })
+}
+
+/// Removes the fixture directories of processes that have exited (libFuzzer ends a
+/// process with `exit`, so nothing is dropped; a merge or `-runs=0` over a corpus
+/// starts many processes).
+fn remove_stale_fixtures() {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("launchday-fuzz-"))
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
 }
 
 /// Makes validating `raw` hermetic, changing only what would leave the process:
