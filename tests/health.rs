@@ -171,9 +171,11 @@ async fn load(addr: std::net::SocketAddr, stop: Arc<AtomicBool>, limit: Duration
 
 /// Waits (bounded) until back end `b` is up again after [`ControlledBackend::restart`],
 /// checking on every scrape that it is not up before `rise` successful checks since
-/// `successes_before` (the success count read while it was still stopped). The
-/// metrics are gathered in name order, so `backend_up` is read before
-/// `health_checks_total` in one scrape: up there implies the successes counted.
+/// `successes_before` (the success count read while it was still stopped). A scrape
+/// does not read its families at one instant (the registry gathers collectors in
+/// hash order), so once `up` is seen the successes are read from the next scrape:
+/// the counter only grows, and it is incremented before the state changes, while
+/// checks are far apart compared with a scrape.
 async fn wait_up_after_rise(lb: &Balancer, b: &str, successes_before: f64, rise: f64) {
     let start = Instant::now();
     for _ in 0..10_000 {
@@ -181,6 +183,8 @@ async fn wait_up_after_rise(lb: &Balancer, b: &str, successes_before: f64, rise:
         let is_up = metric(&text, &up(b)) == Some(1.0);
         let since = metric(&text, &checks(b, "success")).unwrap_or(0.0) - successes_before;
         if is_up {
+            let again = lb.metrics().await;
+            let since = metric(&again, &checks(b, "success")).unwrap_or(0.0) - successes_before;
             assert!(
                 since >= rise,
                 "{b} came up after {since} successful checks; rise is {rise}"
