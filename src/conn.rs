@@ -108,6 +108,16 @@ pub struct Deadlines {
     pub idle_timeout: Duration,
 }
 
+impl Deadlines {
+    /// The `[limits]` deadlines of a config.
+    pub fn from_limits(l: &crate::config::LimitsSpec) -> Self {
+        Deadlines {
+            header_timeout: l.header_timeout,
+            idle_timeout: l.idle_timeout,
+        }
+    }
+}
+
 /// Shared by a connection's [`ClientIo`] and its service.
 pub struct Track {
     state: Mutex<State>,

@@ -226,12 +226,15 @@ async fn connection(
     watcher: Watcher,
     stop: tokio::sync::watch::Receiver<bool>,
 ) -> Result<(), ConnError> {
-    let (limits, proxy_protocol) = {
-        let live = proxy.live();
-        let s = &live.snapshot;
-        let listener = s.listeners.iter().find(|l| *l.name == *opts.listener);
-        (s.limits.clone(), listener.is_some_and(|l| l.proxy_protocol))
-    };
+    // One config for the whole setup of the connection.
+    let live = proxy.live();
+    let limits = live.snapshot.limits.clone();
+    let proxy_protocol = live
+        .snapshot
+        .listeners
+        .iter()
+        .find(|l| *l.name == *opts.listener)
+        .is_some_and(|l| l.proxy_protocol);
     if proxy_protocol {
         // The TCP load balancer in front speaks first; its header names the client.
         let read = crate::proxy_protocol::read_header(&mut stream);
@@ -242,12 +245,12 @@ async fn connection(
         peer = header.client(peer);
     }
     let peer_ip = peer.ip().to_canonical();
-    let trusted = proxy
-        .live()
+    let trusted = live
         .snapshot
         .trusted_proxies
         .iter()
         .any(|n| n.contains(&peer_ip));
+    drop(live);
     let mut fwd = Forwarded {
         peer: peer_ip,
         // An IP address always formats as a valid header value.
@@ -259,10 +262,7 @@ async fn connection(
         tls: None,
         track: None,
     };
-    let deadlines = Deadlines {
-        header_timeout: limits.header_timeout,
-        idle_timeout: limits.idle_timeout,
-    };
+    let deadlines = Deadlines::from_limits(&limits);
     let Some(acceptor) = &opts.tls else {
         let errors = Some(Arc::clone(proxy.unrouted()));
         let io = ClientIo::new(stream, Track::counting(deadlines, errors));
@@ -304,10 +304,7 @@ where
     let _watcher = watcher;
     let fwd_peer = fwd.peer;
     let fwd = Arc::new(fwd);
-    let track = Track::new(Deadlines {
-        header_timeout: limits.header_timeout,
-        idle_timeout: limits.idle_timeout,
-    });
+    let track = Track::new(Deadlines::from_limits(limits));
     let streams = Arc::clone(&track);
     let cancels = Arc::new(Cancels::default());
     let counted = Arc::clone(&cancels);

@@ -360,12 +360,7 @@ impl Proxy {
         }
         let resp = match acquired {
             Ok(lease) => {
-                let l = &live.snapshot.limits;
-                let timeouts = UpstreamTimeouts {
-                    connect: l.upstream_connect_timeout,
-                    read: l.upstream_read_timeout,
-                    write: l.upstream_write_timeout,
-                };
+                let timeouts = UpstreamTimeouts::from_limits(&live.snapshot.limits);
                 let call = Call {
                     fwd,
                     class,
@@ -802,12 +797,7 @@ impl crate::edge::Fetch for SnapshotFetch {
                 .header(header::ACCEPT_ENCODING, "identity")
                 .body(Body::Empty)
                 .map_err(|e| FetchError::Upstream(Box::new(e)))?;
-            let l = &live.snapshot.limits;
-            let timeouts = UpstreamTimeouts {
-                connect: l.upstream_connect_timeout,
-                read: l.upstream_read_timeout,
-                write: l.upstream_write_timeout,
-            };
+            let timeouts = UpstreamTimeouts::from_limits(&live.snapshot.limits);
             let (resp, checkin, lease) = match backend.upstream.send(req, timeouts, lease).await {
                 Ok(ok) => ok,
                 Err((failed, _lease)) => {

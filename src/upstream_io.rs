@@ -31,6 +31,17 @@ pub struct UpstreamTimeouts {
     pub write: Duration,
 }
 
+impl UpstreamTimeouts {
+    /// The `[limits] upstream_*_timeout` of a config.
+    pub fn from_limits(l: &crate::config::LimitsSpec) -> Self {
+        UpstreamTimeouts {
+            connect: l.upstream_connect_timeout,
+            read: l.upstream_read_timeout,
+            write: l.upstream_write_timeout,
+        }
+    }
+}
+
 /// Ticks without progress before a pause is a timeout.
 const TICKS: u32 = 4;
 
