@@ -24,13 +24,17 @@ use http_body::{Frame, SizeHint};
 use hyper::body::Incoming;
 
 use crate::pool::Lease;
-use crate::upstream::Checkin;
+use crate::upstream::{Checkin, UpBody};
+use crate::upstream_h1::{ExchangeError, RawBody};
 
 /// Why a body stream ended early.
 #[derive(Debug, thiserror::Error)]
 pub enum BodyError {
     #[error(transparent)]
     Hyper(#[from] hyper::Error),
+    /// A fast-path answer's body broke off (see [`crate::upstream_h1`]).
+    #[error(transparent)]
+    Upstream(#[from] ExchangeError),
     /// The client's body could not be read (bad chunked framing, connection lost).
     #[error("reading the request body: {0}")]
     Client(hyper::Error),
@@ -48,7 +52,7 @@ impl BodyError {
         let mut at: Option<&(dyn std::error::Error + 'static)> = Some(err);
         while let Some(e) = at {
             if let Some(b) = e.downcast_ref::<BodyError>() {
-                if !matches!(b, BodyError::Hyper(_)) {
+                if !matches!(b, BodyError::Hyper(_) | BodyError::Upstream(_)) {
                     return Some(b);
                 }
             }
@@ -154,6 +158,12 @@ pub enum Body {
         /// Released when this body is dropped.
         lease: Option<Lease>,
     },
+    /// An answer read by the fast path (it returns its connection itself).
+    Raw {
+        inner: RawBody,
+        /// Released when the body ends or is dropped.
+        lease: Option<Lease>,
+    },
 }
 
 impl Body {
@@ -182,14 +192,23 @@ impl Body {
 
     /// An upstream response body that holds the back end's lease and returns the
     /// connection to its pool when read to the end.
-    pub fn upstream(inner: Incoming, checkin: Checkin, lease: Lease) -> Self {
-        let mut body = Body::Streaming {
-            inner,
-            checkin: Some(checkin),
-            lease: Some(lease),
-        };
-        body.finish_if_ended();
-        body
+    pub fn upstream(inner: UpBody, lease: Lease) -> Self {
+        match inner {
+            UpBody::Hyper(inner, checkin) => {
+                let mut body = Body::Streaming {
+                    inner,
+                    checkin: Some(checkin),
+                    lease: Some(lease),
+                };
+                body.finish_if_ended();
+                body
+            }
+            UpBody::Raw(inner) => {
+                // No body at all (204, 304, HEAD): the back end is done already.
+                let lease = (!http_body::Body::is_end_stream(&inner)).then_some(lease);
+                Body::Raw { inner, lease }
+            }
+        }
     }
 
     /// If the stream already ended (no body at all: 204, 304, HEAD), give the
@@ -251,6 +270,14 @@ impl http_body::Body for Body {
                 }
                 polled.map_err(BodyError::from)
             }
+            Body::Raw { inner, lease } => {
+                let polled = Pin::new(&mut *inner).poll_frame(cx);
+                if inner.is_end_stream() || matches!(polled, Poll::Ready(None | Some(Err(_)))) {
+                    // The back end finished (or failed) its answer: free its slot now.
+                    lease.take();
+                }
+                polled.map_err(BodyError::from)
+            }
         }
     }
 
@@ -261,6 +288,7 @@ impl http_body::Body for Body {
             Body::Prefetched { frames, inner } => frames.is_empty() && inner.is_end_stream(),
             Body::Client(inner) => inner.is_end_stream(),
             Body::Streaming { inner, .. } => inner.is_end_stream(),
+            Body::Raw { inner, .. } => inner.is_end_stream(),
         }
     }
 
@@ -283,6 +311,7 @@ impl http_body::Body for Body {
                 hint
             }
             Body::Streaming { inner, .. } => inner.size_hint(),
+            Body::Raw { inner, .. } => inner.size_hint(),
             Body::Client(inner) => inner.size_hint(),
         }
     }

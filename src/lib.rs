@@ -30,4 +30,5 @@ pub mod tls;
 pub mod tunnel;
 pub mod upgrade;
 pub mod upstream;
+pub mod upstream_h1;
 pub mod upstream_io;

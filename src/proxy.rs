@@ -33,7 +33,7 @@ use crate::route::{strip_port, Router};
 use crate::strict::{self, Reject};
 use crate::tls::certs;
 use crate::tunnel::{self, TunnelError, Upgrade};
-use crate::upstream::{Checkin, Failed, Upstream, UpstreamError};
+use crate::upstream::{Failed, UpBody, Upstream, UpstreamError};
 use crate::upstream_io::UpstreamTimeouts;
 
 /// What a request needs from the configuration, built once per snapshot.
@@ -598,15 +598,15 @@ async fn forward(
             facts.upstream = Some(sent.elapsed());
         }
         match result {
-            Ok((resp, checkin, lease)) => {
+            Ok((resp, lease)) => {
                 if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-                    return switch(upgrade, resp, checkin, lease, backend);
+                    return switch(upgrade, resp, lease, backend);
                 }
                 pool.passive_result(backend, !resp.status().is_server_error());
                 let (mut parts, body) = resp.into_parts();
                 headers::rewrite_response(&mut parts.headers, backend.spec.served_by.as_ref());
                 backend.metrics.requests.inc(parts.status);
-                return Response::from_parts(parts, Body::upstream(body, checkin, lease));
+                return Response::from_parts(parts, Body::upstream(body, lease));
             }
             Err((Failed { error, retry }, held)) => {
                 lease = held;
@@ -641,7 +641,10 @@ async fn forward(
                     return resp;
                 };
                 tries_left -= 1;
-                let reason = usize::from(matches!(error, UpstreamError::AfterSend { .. }));
+                let reason = usize::from(matches!(
+                    error,
+                    UpstreamError::AfterSend { .. } | UpstreamError::Exchange { .. }
+                ));
                 pool.metrics.retries[reason].inc();
                 let failed = lease.backend_arc();
                 drop(lease);
@@ -670,15 +673,21 @@ async fn forward(
 /// else `502` (the back-end connection, switched, is closed).
 fn switch(
     upgrade: Option<Upgrade>,
-    resp: Response<Incoming>,
-    checkin: Checkin,
+    resp: Response<UpBody>,
     lease: crate::pool::Lease,
     backend: &crate::pool::Backend,
 ) -> Response<Body> {
     let pool = Arc::clone(lease.pool());
-    let opened = match upgrade {
-        Some(up) => up.open(resp, checkin, lease, backend.spec.served_by.as_ref()),
-        None => Err(TunnelError::Unasked),
+    let (parts, body) = resp.into_parts();
+    let opened = match (upgrade, body) {
+        (Some(up), UpBody::Hyper(body, checkin)) => up.open(
+            Response::from_parts(parts, body),
+            checkin,
+            lease,
+            backend.spec.served_by.as_ref(),
+        ),
+        // The fast path carries no upgrade requests and refuses a `101` itself.
+        _ => Err(TunnelError::Unasked),
     };
     let resp = match opened {
         Ok(resp) => {
@@ -739,7 +748,7 @@ fn refuse(reject: Reject) -> Response<Body> {
 fn body_reject(e: &BodyError) -> Reject {
     match e {
         BodyError::TooLarge(_) => strict::too_large(),
-        BodyError::Client(_) | BodyError::Hyper(_) => Reject {
+        BodyError::Client(_) | BodyError::Hyper(_) | BodyError::Upstream(_) => Reject {
             status: StatusCode::BAD_REQUEST,
             code: "bad_request_body",
             text: "The request body could not be read.\n",
@@ -798,7 +807,7 @@ impl crate::edge::Fetch for SnapshotFetch {
                 .body(Body::Empty)
                 .map_err(|e| FetchError::Upstream(Box::new(e)))?;
             let timeouts = UpstreamTimeouts::from_limits(&live.snapshot.limits);
-            let (resp, checkin, lease) = match backend.upstream.send(req, timeouts, lease).await {
+            let (resp, lease) = match backend.upstream.send(req, timeouts, lease).await {
                 Ok(ok) => ok,
                 Err((failed, _lease)) => {
                     pool.passive_result(&backend, false);
@@ -809,7 +818,7 @@ impl crate::edge::Fetch for SnapshotFetch {
             pool.passive_result(&backend, !status.is_server_error());
             backend.metrics.requests.inc(status);
             let (parts, body) = resp.into_parts();
-            let body = Body::upstream(body, checkin, lease);
+            let body = Body::upstream(body, lease);
             let limit = crate::edge::MAX_BODY;
             let collected = http_body_util::Limited::new(body, limit)
                 .collect()

@@ -99,6 +99,11 @@ impl<I> UpstreamIo<I> {
         }
     }
 
+    /// The stream inside.
+    pub fn get_ref(&self) -> &I {
+        &self.io
+    }
+
     /// Called when a read or write would block: `Err` once the pause is too long.
     fn poll_pause(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
         if !self.activity.busy.load(Ordering::Acquire) {

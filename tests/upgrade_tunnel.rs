@@ -339,9 +339,11 @@ async fn a_200_to_an_upgrade_request_leaves_the_client_connection_http() {
     let seen = backend.seen();
     assert_eq!(seen.len(), 2);
     assert!(seen[1].1.get("upgrade").is_none());
-    // The back end ignored the upgrade: its connection stayed HTTP and was reused.
-    assert_eq!(seen[0].2, seen[1].2);
-    assert_eq!(backend.connections(), 1);
+    // The back end ignored the upgrade. The back-end connection that carried the
+    // upgrade request was driven ready to switch, so it is closed rather than reused
+    // (src/upstream.rs); the second request went out on a new one.
+    assert_ne!(seen[0].2, seen[1].2);
+    assert_eq!(backend.connections(), 2);
     assert_eq!(backend.tunnels(), (0, 0));
     lb.wait_metric(IN_FLIGHT, 0.0).await;
 }

@@ -246,12 +246,15 @@ impl RawBackend {
                     if mode == RawMode::DieOnSecond && n == 2 {
                         break;
                     }
+                    // Counted before the write, so that a client who has the answer
+                    // always sees it counted.
+                    c.answered.fetch_add(1, Ordering::SeqCst);
                     if s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nok\n")
                         .is_err()
                     {
+                        c.answered.fetch_sub(1, Ordering::SeqCst);
                         break;
                     }
-                    c.answered.fetch_add(1, Ordering::SeqCst);
                 }
                 let _ = s.shutdown(std::net::Shutdown::Both);
                 drop(s);

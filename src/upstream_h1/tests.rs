@@ -1,0 +1,1 @@
+//! Unit tests of the fast-path HTTP/1.1 exchange.
