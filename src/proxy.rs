@@ -239,9 +239,12 @@ impl Proxy {
             .listeners
             .iter()
             .find(|l| *l.name == *fwd.listener);
-        let started = Instant::now();
-        // Only with an access log: what the line needs from the request itself.
-        let head = live.access_log.as_ref().map(|_| RequestHead::of(&req));
+        // Only with an access log: what the line needs from the request itself, and
+        // the clock (a clock read costs ~25 ns on this kind of VM).
+        let head = live
+            .access_log
+            .as_ref()
+            .map(|_| (RequestHead::of(&req), Instant::now()));
         let mut facts = Facts::default();
         let checked = strict::check(&req, verdict, &live.snapshot.limits)
             .and_then(|()| tunnel::requested(&mut req, fwd));
@@ -265,7 +268,7 @@ impl Proxy {
                     .insert(header::STRICT_TRANSPORT_SECURITY, hsts.clone());
             }
         }
-        if let (Some(log), Some(head)) = (&live.access_log, head) {
+        if let (Some(log), Some((head, started))) = (&live.access_log, head) {
             log.log(head.entry(&resp, fwd, facts, started.elapsed()));
         }
         resp
@@ -591,9 +594,10 @@ async fn forward(
     loop {
         let backend = lease.backend_arc();
         let backend = &*backend;
-        let sent = Instant::now();
+        // `facts.pool` is set only when an access line will be written.
+        let sent = facts.pool.is_some().then(Instant::now);
         let result = backend.upstream.send(req, timeouts, lease).await;
-        if facts.pool.is_some() {
+        if let Some(sent) = sent {
             facts.backend = Some(backend.name_arc());
             facts.upstream = Some(sent.elapsed());
         }

@@ -93,7 +93,13 @@ pub struct RawConn {
     buf: BytesMut,
     /// The encoded request head (kept for its capacity).
     wbuf: Vec<u8>,
+    /// Where each field of the answer's head is (kept for its capacity: an array on
+    /// the stack would be zeroed on every answer, ~3k instructions).
+    spans: Vec<Span>,
 }
+
+/// Offsets of a field's name and value in an answer's head.
+type Span = [usize; 4];
 
 impl std::fmt::Debug for RawConn {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -111,6 +117,7 @@ impl RawConn {
             activity,
             buf: BytesMut::with_capacity(READ_CHUNK),
             wbuf: Vec::with_capacity(1024),
+            spans: Vec::new(),
         }
     }
 
@@ -121,6 +128,7 @@ impl RawConn {
             activity,
             buf: BytesMut::with_capacity(READ_CHUNK),
             wbuf: Vec::with_capacity(1024),
+            spans: Vec::new(),
         }
     }
 
@@ -184,7 +192,7 @@ impl RawConn {
         loop {
             if !self.buf.is_empty() {
                 received = true;
-                if let Some(head) = parse(&mut self.buf, head_request)? {
+                if let Some(head) = parse(&mut self.buf, &mut self.spans, head_request)? {
                     return Ok(head);
                 }
                 if self.buf.len() >= MAX_HEAD {
@@ -232,11 +240,15 @@ impl Head {
 
 /// Parses one answer head from the front of `buf`, consuming it: `None` if incomplete;
 /// interim `1xx` answers are consumed and skipped.
-fn parse(buf: &mut BytesMut, head_request: bool) -> Result<Option<Head>, ExchangeError> {
+fn parse(
+    buf: &mut BytesMut,
+    spans: &mut Vec<Span>,
+    head_request: bool,
+) -> Result<Option<Head>, ExchangeError> {
     loop {
         // Offsets into `buf` of each field's name and value, taken while parsing.
-        let mut spans = [(0usize, 0usize, 0usize, 0usize); MAX_HEADERS];
-        let (len, code, minor, count) = {
+        spans.clear();
+        let (len, code, minor) = {
             let mut slots = [MaybeUninit::<httparse::Header<'_>>::uninit(); MAX_HEADERS];
             let mut resp = httparse::Response::new(&mut []);
             let status = httparse::ParserConfig::default()
@@ -249,21 +261,16 @@ fn parse(buf: &mut BytesMut, head_request: bool) -> Result<Option<Head>, Exchang
                 return Ok(None);
             };
             let base = buf.as_ptr() as usize;
-            for (span, h) in spans.iter_mut().zip(resp.headers.iter()) {
-                *span = (
+            spans.extend(resp.headers.iter().map(|h| {
+                [
                     h.name.as_ptr() as usize - base,
                     h.name.len(),
                     h.value.as_ptr() as usize - base,
                     h.value.len(),
-                );
-            }
+                ]
+            }));
             // Invariant: a complete parse sets the version and the code.
-            (
-                len,
-                resp.code.unwrap_or(0),
-                resp.version.unwrap_or(1),
-                resp.headers.len(),
-            )
+            (len, resp.code.unwrap_or(0), resp.version.unwrap_or(1))
         };
         let head = buf.split_to(len).freeze();
         let status = StatusCode::from_u16(code)
@@ -274,14 +281,14 @@ fn parse(buf: &mut BytesMut, head_request: bool) -> Result<Option<Head>, Exchang
         if status.is_informational() {
             continue;
         }
-        return build(&head, &spans[..count], status, minor, head_request).map(Some);
+        return build(&head, spans, status, minor, head_request).map(Some);
     }
 }
 
 /// The answer's head from the parsed spans of `head`.
 fn build(
     head: &Bytes,
-    spans: &[(usize, usize, usize, usize)],
+    spans: &[Span],
     status: StatusCode,
     minor: u8,
     head_request: bool,
@@ -291,7 +298,7 @@ fn build(
     let mut length: Option<u64> = None;
     let mut close = false;
     let mut keep_alive_token = false;
-    for &(ns, nl, vs, vl) in spans {
+    for &[ns, nl, vs, vl] in spans {
         let name = HeaderName::from_bytes(&head[ns..ns + nl]).map_err(|_| {
             ExchangeError::BadHeader(String::from_utf8_lossy(&head[ns..ns + nl]).into_owned())
         })?;

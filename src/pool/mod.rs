@@ -617,7 +617,7 @@ impl Pool {
         Some(Lease {
             pool: Arc::clone(self),
             backend: Arc::clone(b),
-            started: Some(Instant::now()),
+            started: Some(now),
             armed: true,
         })
     }
