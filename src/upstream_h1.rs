@@ -509,7 +509,10 @@ fn chunk_size(line: &[u8]) -> Result<u64, ExchangeError> {
     if digits > 15 {
         return Err(ExchangeError::Chunked("chunk size too large"));
     }
-    if !matches!(line.get(digits), None | Some(b';' | b' ' | b'\t')) {
+    // RFC 9112 §7.1.1: optional whitespace, then nothing or `;` extensions.
+    let rest = &line[digits..];
+    let ext = rest.iter().position(|b| !matches!(b, b' ' | b'\t'));
+    if ext.is_some_and(|i| rest[i] != b';') {
         return Err(ExchangeError::Chunked("invalid chunk size"));
     }
     Ok(line[..digits].iter().fold(0u64, |n, &d| {
