@@ -1,0 +1,54 @@
+#!/usr/bin/env python3
+"""Memory with idle keep-alive connections (issue 9).
+
+    benches/idle_conns.py HOST PORT N PID [PID...]
+
+Opens N keep-alive connections to HOST:PORT, sends one GET on each and reads its
+answer, so every connection has served a request and sits idle, then prints the
+RSS of each PID (the server's processes) and closes everything. Loopback only.
+"""
+import asyncio
+import resource
+import sys
+
+
+def rss_kib(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+async def one(host, port, sem, conns):
+    async with sem:
+        r, w = await asyncio.wait_for(asyncio.open_connection(host, port), 10)
+        w.write(f"GET / HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+        await w.drain()
+        head = await asyncio.wait_for(r.readuntil(b"\r\n\r\n"), 10)
+        length = 0
+        for line in head.split(b"\r\n"):
+            if line.lower().startswith(b"content-length:"):
+                length = int(line.split(b":")[1])
+        await asyncio.wait_for(r.readexactly(length), 10)
+        conns.append((r, w))
+
+
+async def main():
+    host, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    pids = sys.argv[4:]
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, n + 1000)), hard))
+    before = sum(rss_kib(p) for p in pids)
+    conns = []
+    sem = asyncio.Semaphore(500)
+    await asyncio.wait_for(asyncio.gather(*(one(host, port, sem, conns) for _ in range(n))), 120)
+    await asyncio.sleep(1)
+    after = sum(rss_kib(p) for p in pids)
+    print(f"{len(conns)} idle connections: RSS {before / 1024:.1f} MiB before, {after / 1024:.1f} MiB with them "
+          f"({(after - before) / len(conns):.2f} KiB per connection)")
+    for _, w in conns:
+        w.close()
+
+
+asyncio.run(main())
