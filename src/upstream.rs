@@ -236,7 +236,9 @@ impl Upstream {
         {
             return self.send_raw(req, timeouts, hold).await;
         }
-        match self.send_hyper(req, timeouts, hold).await {
+        // Boxed: hyper's client path is rare (bodies, upgrades), and its future is
+        // ~4 KB that would otherwise sit in every connection's request future.
+        match Box::pin(self.send_hyper(req, timeouts, hold)).await {
             Ok((resp, checkin, hold)) => Ok((resp.map(|b| UpBody::Hyper(b, checkin)), hold)),
             Err(e) => Err(e),
         }
@@ -579,7 +581,8 @@ impl Upstream {
             let reused = idle.is_some();
             let mut conn = match idle {
                 Some(c) => c,
-                None => match self.connect_raw(timeouts.connect).await {
+                // Boxed: dialing is rare next to reuse (see `send`).
+                None => match Box::pin(self.connect_raw(timeouts.connect)).await {
                     Ok(c) => c,
                     // Nothing was sent: the request itself may go elsewhere.
                     Err(error) => {

@@ -85,8 +85,13 @@ pub enum ExchangeError {
     ClosedInBody,
 }
 
-/// A kept-alive connection to a back end, driven by the task that uses it.
-pub struct RawConn {
+/// A kept-alive connection to a back end, driven by the task that uses it. Boxed
+/// once per connection, so that the request futures and bodies that carry it stay
+/// small (they are kept inside every client connection's task).
+pub struct RawConn(Box<ConnState>);
+
+/// What a [`RawConn`] holds (its fields are private to this module).
+pub struct ConnState {
     io: UpstreamIo<TcpStream>,
     activity: Arc<Activity>,
     /// Bytes read and not yet consumed.
@@ -101,6 +106,19 @@ pub struct RawConn {
 /// Offsets of a field's name and value in an answer's head.
 type Span = [usize; 4];
 
+impl std::ops::Deref for RawConn {
+    type Target = ConnState;
+    fn deref(&self) -> &ConnState {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for RawConn {
+    fn deref_mut(&mut self) -> &mut ConnState {
+        &mut self.0
+    }
+}
+
 impl std::fmt::Debug for RawConn {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RawConn")
@@ -112,30 +130,25 @@ impl std::fmt::Debug for RawConn {
 impl RawConn {
     pub fn new(stream: TcpStream) -> Self {
         let activity = Arc::new(Activity::default());
-        RawConn {
-            io: UpstreamIo::new(stream, Arc::clone(&activity)),
-            activity,
-            buf: BytesMut::with_capacity(READ_CHUNK),
-            wbuf: Vec::with_capacity(1024),
-            spans: Vec::new(),
-        }
+        Self::from_io(UpstreamIo::new(stream, Arc::clone(&activity)), activity)
     }
 
     /// A connection whose stream was lent to hyper's client and came back clean.
     pub fn from_io(io: UpstreamIo<TcpStream>, activity: Arc<Activity>) -> Self {
-        RawConn {
+        RawConn(Box::new(ConnState {
             io,
             activity,
             buf: BytesMut::with_capacity(READ_CHUNK),
             wbuf: Vec::with_capacity(1024),
             spans: Vec::new(),
-        }
+        }))
     }
 
     /// The stream and its pause-limit state, to lend to hyper's client (an idle
     /// connection has nothing buffered).
     pub fn into_io(self) -> (UpstreamIo<TcpStream>, Arc<Activity>) {
-        (self.io, self.activity)
+        let state = *self.0;
+        (state.io, state.activity)
     }
 
     /// The pause limits of this connection's stream.
@@ -182,25 +195,27 @@ impl RawConn {
 
     /// Writes the encoded head. An error here means the request did not fully leave.
     pub async fn write_head(&mut self) -> io::Result<()> {
-        self.io.write_all(&self.wbuf).await
+        let s = &mut *self.0;
+        s.io.write_all(&s.wbuf).await
     }
 
     /// Reads the answer's head (skipping interim `1xx` answers). `head_request`: the
     /// request was `HEAD`, so the answer has no body whatever its fields say.
     pub async fn read_head(&mut self, head_request: bool) -> Result<Head, ExchangeError> {
+        let s = &mut *self.0;
         let mut received = false;
         loop {
-            if !self.buf.is_empty() {
+            if !s.buf.is_empty() {
                 received = true;
-                if let Some(head) = parse(&mut self.buf, &mut self.spans, head_request)? {
+                if let Some(head) = parse(&mut s.buf, &mut s.spans, head_request)? {
                     return Ok(head);
                 }
-                if self.buf.len() >= MAX_HEAD {
+                if s.buf.len() >= MAX_HEAD {
                     return Err(ExchangeError::HeadTooLarge);
                 }
             }
-            self.buf.reserve(READ_CHUNK);
-            match self.io.read_buf(&mut self.buf).await {
+            s.buf.reserve(READ_CHUNK);
+            match s.io.read_buf(&mut s.buf).await {
                 Ok(0) if received => return Err(ExchangeError::ClosedInHead),
                 Ok(0) => return Err(ExchangeError::ClosedBeforeAnswer),
                 Ok(_) => {}
@@ -578,8 +593,9 @@ impl http_body::Body for RawBody {
                     return Poll::Ready(Some(Err(e)));
                 }
             }
-            conn.buf.reserve(READ_CHUNK);
-            let read = pin!(conn.io.read_buf(&mut conn.buf)).poll(cx);
+            let c = &mut *conn.0;
+            c.buf.reserve(READ_CHUNK);
+            let read = pin!(c.io.read_buf(&mut c.buf)).poll(cx);
             match read {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(Ok(0)) => {
