@@ -142,6 +142,29 @@ pub struct Upstream {
     raw: Mutex<Vec<RawConn>>,
 }
 
+/// What [`Upstream::send`] resolves to: the answer and `hold`, or why not and `hold`.
+pub type Sent<H> = Result<(Response<UpBody>, H), (Failed, H)>;
+
+pin_project_lite::pin_project! {
+    /// The future of [`Upstream::send`]: the fast path's inline, hyper's client's boxed.
+    #[project = SendPathProj]
+    enum SendPath<F, G> {
+        Raw { #[pin] fut: F },
+        Hyper { fut: Pin<Box<G>> },
+    }
+}
+
+impl<F: Future, G: Future<Output = F::Output>> Future for SendPath<F, G> {
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<F::Output> {
+        match self.project() {
+            SendPathProj::Raw { fut } => fut.poll(cx),
+            SendPathProj::Hyper { fut } => fut.as_mut().poll(cx),
+        }
+    }
+}
+
 /// A back end's answer body: from hyper's client, with the connection to check in
 /// when it ends, or from the fast path (which checks its connection in itself).
 #[derive(Debug)]
@@ -223,22 +246,39 @@ impl Upstream {
     ///
     /// A request without a body and without `Upgrade` takes the fast path
     /// ([`crate::upstream_h1`]); others go through hyper's client.
-    pub async fn send<H: Send + 'static>(
+    ///
+    /// Not an `async fn`: the returned future is the chosen path's own (an `async fn`
+    /// wrapper would hold a second copy of the request in every client connection's
+    /// request future).
+    pub fn send<H: Send + 'static>(
         self: &Arc<Self>,
         req: Request<Body>,
         timeouts: UpstreamTimeouts,
         hold: H,
-    ) -> Result<(Response<UpBody>, H), (Failed, H)> {
+    ) -> impl Future<Output = Sent<H>> + Send + '_ {
         let h = req.headers();
         if matches!(req.body(), Body::Empty)
             && !h.contains_key(hyper::header::UPGRADE)
             && !h.contains_key(hyper::header::TRANSFER_ENCODING)
         {
-            return self.send_raw(req, timeouts, hold).await;
+            return SendPath::Raw {
+                fut: self.send_raw(req, timeouts, hold),
+            };
         }
         // Boxed: hyper's client path is rare (bodies, upgrades), and its future is
         // ~4 KB that would otherwise sit in every connection's request future.
-        match Box::pin(self.send_hyper(req, timeouts, hold)).await {
+        SendPath::Hyper {
+            fut: Box::pin(self.send_through_hyper(req, timeouts, hold)),
+        }
+    }
+
+    async fn send_through_hyper<H: Send + 'static>(
+        self: &Arc<Self>,
+        req: Request<Body>,
+        timeouts: UpstreamTimeouts,
+        hold: H,
+    ) -> Sent<H> {
+        match self.send_hyper(req, timeouts, hold).await {
             Ok((resp, checkin, hold)) => Ok((resp.map(|b| UpBody::Hyper(b, checkin)), hold)),
             Err(e) => Err(e),
         }
