@@ -739,7 +739,7 @@ fn timed_out(err: &UpstreamError) -> bool {
 }
 
 /// The host a request is for: the URI's authority (HTTP/2, absolute-form) or `Host`.
-fn request_host<B>(req: &Request<B>) -> Option<&str> {
+pub fn request_host<B>(req: &Request<B>) -> Option<&str> {
     if let Some(a) = req.uri().authority() {
         return Some(a.as_str());
     }

@@ -449,11 +449,7 @@ fn checkin(conn: Conn, resp: &Response<Incoming>) -> Checkin {
         .headers()
         .get_all(hyper::header::CONNECTION)
         .iter()
-        .any(|v| {
-            v.as_bytes()
-                .split(|&b| b == b',')
-                .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"))
-        });
+        .any(|v| crate::upstream_h1::has_token(v, b"close"));
     Checkin {
         sender: Some(conn),
         keep_alive: !close && resp.version() == hyper::Version::HTTP_11,

@@ -335,11 +335,8 @@ fn build(
                 length = Some(n);
             }
         } else if name == header::CONNECTION {
-            for token in value.as_bytes().split(|&b| b == b',') {
-                let token = token.trim_ascii();
-                close |= token.eq_ignore_ascii_case(b"close");
-                keep_alive_token |= token.eq_ignore_ascii_case(b"keep-alive");
-            }
+            close |= has_token(&value, b"close");
+            keep_alive_token |= has_token(&value, b"keep-alive");
         }
         headers.append(name, value);
     }
@@ -378,6 +375,14 @@ fn build(
         framing,
         keep_alive,
     })
+}
+
+/// Whether a comma-separated header value (`Connection`) lists `token`.
+pub fn has_token(value: &HeaderValue, token: &[u8]) -> bool {
+    value
+        .as_bytes()
+        .split(|&b| b == b',')
+        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
 }
 
 /// A Content-Length value: 1 to 19 digits.

@@ -239,16 +239,6 @@ fn scanned_verdict(data: &[u8], step: usize) -> Verdict {
     track.begin()
 }
 
-/// `request_host` in `src/proxy.rs` (private).
-fn request_host<B>(req: &Request<B>) -> Option<&str> {
-    if let Some(a) = req.uri().authority() {
-        return Some(a.as_str());
-    }
-    req.headers()
-        .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
-}
-
 fuzz_target!(|data: &[u8]| {
     let Some(req) = request(data) else { return };
     let b = balancer();
@@ -297,7 +287,7 @@ fuzz_target!(|data: &[u8]| {
 
     // Routing and the TLS check, as `Proxy::respond` does them (done for refused heads
     // too: none of it may panic on any head hyper accepts).
-    let host = request_host(&req);
+    let host = launchday::proxy::request_host(&req);
     let tls = s.listeners[1].tls.as_ref().expect("TLS listener");
     if let Some(h) = host {
         let for_host = certs::select(&tls.certificates, Some(strip_port(h)), tls.default);

@@ -124,7 +124,8 @@ fn classify(text: &str) -> AddrText<'_> {
     }
 }
 
-fn is_host_name(text: &str) -> bool {
+/// A DNS-style host name: dot-separated non-empty labels of letters, digits, `-`, `_`.
+pub fn is_host_name(text: &str) -> bool {
     !text.is_empty()
         && text.split('.').all(|label| {
             !label.is_empty()

@@ -15,6 +15,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 mod fields;
+pub use fields::is_host_name;
 pub mod model;
 pub mod snapshot;
 mod validate;

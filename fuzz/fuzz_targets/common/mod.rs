@@ -9,7 +9,7 @@ use std::path::{Component, Path, PathBuf};
 use std::sync::OnceLock;
 
 use launchday::config::model::RootConfig;
-use launchday::config::ConfigError;
+use launchday::config::{is_host_name, ConfigError};
 
 /// The directory configs are validated against (`base_dir`), made once per process:
 ///
@@ -143,17 +143,6 @@ fn offline_address(text: &mut String) {
     if let Ok(port) = port.parse::<u16>() {
         *text = format!("localhost:{port}");
     }
-}
-
-/// Same as `is_host_name` in `src/config/fields.rs`.
-fn is_host_name(text: &str) -> bool {
-    !text.is_empty()
-        && text.split('.').all(|label| {
-            !label.is_empty()
-                && label
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-        })
 }
 
 /// The contract of a reported problem: where, what, and a hint that says something.
