@@ -99,6 +99,11 @@ struct State {
     reader: Option<std::task::Waker>,
     /// A tunnel is open on this connection ([`OpenTunnel`] alive).
     tunnel_open: bool,
+    /// Responses handed to hyper whose bodies it has not finished (dropped) yet.
+    answering: u32,
+    /// The connection is being parked: hyper was told to stop at an idle point, and
+    /// its shutdown of the stream must not reach the socket ([`crate::park`]).
+    parking: bool,
 }
 
 /// The limits a connection enforces (from the snapshot it was accepted under).
@@ -106,6 +111,8 @@ struct State {
 pub struct Deadlines {
     pub header_timeout: Duration,
     pub idle_timeout: Duration,
+    /// Idle time after which a plain connection is parked ([`crate::park`]).
+    pub park_after: Duration,
 }
 
 impl Deadlines {
@@ -114,6 +121,7 @@ impl Deadlines {
         Deadlines {
             header_timeout: l.header_timeout,
             idle_timeout: l.idle_timeout,
+            park_after: crate::park::PARK_AFTER,
         }
     }
 }
@@ -156,6 +164,8 @@ impl Track {
                 verdict: Verdict::default(),
                 reader: None,
                 tunnel_open: false,
+                answering: 0,
+                parking: false,
             }),
             deadlines,
             tunnel_closed: tokio::sync::Notify::new(),
@@ -220,6 +230,11 @@ impl Track {
         }
     }
 
+    /// Idle time after which the connection is parked.
+    pub(crate) fn park_after(&self) -> Duration {
+        self.deadlines.park_after
+    }
+
     /// Requests in the service right now.
     pub fn in_flight(&self) -> u32 {
         self.state.lock().in_flight
@@ -229,6 +244,42 @@ impl Track {
     pub fn idle_since(&self) -> Option<Instant> {
         let s = self.state.lock();
         (s.in_flight == 0).then_some(s.since)
+    }
+
+    /// A response was handed to hyper; [`Track::answered`] when hyper drops its body.
+    pub(crate) fn answering(&self) {
+        self.state.lock().answering += 1;
+    }
+
+    /// hyper finished (or dropped) a response body.
+    pub(crate) fn answered(&self) {
+        let mut s = self.state.lock();
+        s.answering = s.answering.saturating_sub(1);
+    }
+
+    /// When the connection may be parked, if it is idle now: nothing in flight, every
+    /// response body finished, no byte of a next request read, no tunnel.
+    pub(crate) fn park_at(&self) -> Option<Instant> {
+        let s = self.state.lock();
+        let idle = s.in_flight == 0 && s.answering == 0 && !s.tunnel_open;
+        (idle && matches!(s.phase, Phase::Waiting { .. }))
+            .then(|| s.since + self.deadlines.park_after)
+    }
+
+    /// While waiting for a request: when the connection is closed for silence
+    /// (`header_timeout` on a fresh connection, `idle_timeout` after a response).
+    pub(crate) fn waiting_deadline(&self) -> Option<Instant> {
+        let s = self.state.lock();
+        match s.phase {
+            Phase::Waiting { fresh: true } => Some(s.since + self.deadlines.header_timeout),
+            Phase::Waiting { fresh: false } => Some(s.since + self.deadlines.idle_timeout),
+            _ => None,
+        }
+    }
+
+    /// Marks the connection as being parked (or no longer).
+    pub(crate) fn set_parking(&self, parking: bool) {
+        self.state.lock().parking = parking;
     }
 
     fn on_read(&self, data: &[u8]) {
@@ -396,6 +447,9 @@ pub struct ClientIo<I> {
     /// hyper's answer to an unparsable request, with `X-Served-By` added, and how
     /// much of it was written.
     rewritten: Option<(Vec<u8>, usize)>,
+    /// Bytes read earlier and handed back by a parked hyper connection, read again
+    /// before the stream (scanned once, by [`ClientIo::replay`]).
+    replay: bytes::Bytes,
 }
 
 /// Inserted after the status line of hyper's own error answers, which, like every
@@ -409,7 +463,18 @@ impl<I> ClientIo<I> {
             track,
             sleep: None,
             rewritten: None,
+            replay: bytes::Bytes::new(),
         }
+    }
+
+    /// Gives back bytes hyper had read but not used (see `replay`): the start of a
+    /// next request that came in the same read as the last one's end. A connection is
+    /// parked only while waiting for a request, so these bytes were never scanned:
+    /// they are now, and start the head phase (and its deadline).
+    pub(crate) fn replay(&mut self, bytes: bytes::Bytes) {
+        debug_assert!(self.replay.is_empty());
+        self.track.on_read(&bytes);
+        self.replay = bytes;
     }
 
     /// The wrapped stream.
@@ -464,6 +529,11 @@ impl<I: AsyncRead + AsyncWrite + Unpin> AsyncRead for ClientIo<I> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        if !this.replay.is_empty() {
+            let n = this.replay.len().min(buf.remaining());
+            buf.put_slice(&this.replay.split_to(n));
+            return Poll::Ready(Ok(()));
+        }
         let before = buf.filled().len();
         match Pin::new(&mut this.io).poll_read(cx, buf) {
             Poll::Ready(Ok(())) => {
@@ -549,7 +619,13 @@ impl<I: AsyncRead + AsyncWrite + Unpin> AsyncWrite for ClientIo<I> {
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+        let this = self.get_mut();
+        if this.track.state.lock().parking {
+            // hyper stopped at an idle point because we asked it to: the stream
+            // stays open, to be served again when the next request comes.
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.io).poll_shutdown(cx)
     }
 }
 
@@ -606,6 +682,7 @@ mod tests {
         Deadlines {
             header_timeout: Duration::from_secs(header),
             idle_timeout: Duration::from_secs(idle),
+            park_after: Duration::from_secs(3600),
         }
     }
 

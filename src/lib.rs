@@ -18,6 +18,7 @@ pub mod hll;
 pub mod listener;
 pub mod maintenance;
 pub mod metrics;
+pub mod park;
 pub mod pool;
 pub mod proxy;
 pub mod proxy_protocol;

@@ -14,6 +14,7 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -29,6 +30,7 @@ use tokio_rustls::TlsAcceptor;
 use crate::config::LimitsSpec;
 use crate::conn::{ClientIo, Deadlines, InFlight, Track, Verdict};
 use crate::headers::{Forwarded, TlsInfo};
+use crate::park::{Answer, Parkable, Wake};
 use crate::proxy::Proxy;
 
 /// Listen backlog (`net.core.somaxconn` caps it).
@@ -178,9 +180,16 @@ pub async fn serve(
         let opts = Arc::clone(&opts);
         let open = OpenConnection::new(&counts.open);
         let stop = stop.clone();
+        let parked = counts.parked.clone();
         tokio::spawn(async move {
             let _open = open;
-            if let Err(e) = connection(stream, peer, proxy, &opts, watcher, stop).await {
+            let conn = Conn {
+                proxy,
+                watcher,
+                stop,
+                parked,
+            };
+            if let Err(e) = connection(stream, peer, &opts, conn).await {
                 tracing::debug!(%peer, error = %e, "client connection ended");
             }
         });
@@ -218,16 +227,25 @@ pub enum ConnError {
     Http(#[from] hyper::Error),
 }
 
+/// What serving one connection needs besides its stream.
+struct Conn {
+    proxy: Arc<Proxy>,
+    /// Held while the connection lives: graceful shutdown waits for it.
+    watcher: Watcher,
+    /// Says when the listener stops.
+    stop: tokio::sync::watch::Receiver<bool>,
+    /// The listener's gauge of parked connections ([`crate::park`]).
+    parked: prometheus::IntGauge,
+}
+
 async fn connection(
     mut stream: TcpStream,
     mut peer: SocketAddr,
-    proxy: Arc<Proxy>,
     opts: &ServeOptions,
-    watcher: Watcher,
-    stop: tokio::sync::watch::Receiver<bool>,
+    conn: Conn,
 ) -> Result<(), ConnError> {
     // One config for the whole setup of the connection.
-    let live = proxy.live();
+    let live = conn.proxy.live();
     let limits = live.snapshot.limits.clone();
     let proxy_protocol = live
         .snapshot
@@ -237,8 +255,9 @@ async fn connection(
         .is_some_and(|l| l.proxy_protocol);
     if proxy_protocol {
         // The TCP load balancer in front speaks first; its header names the client.
+        // Boxed: only such listeners pay for the reader's room in the connection.
         let read = crate::proxy_protocol::read_header(&mut stream);
-        let header = match tokio::time::timeout(limits.header_timeout, read).await {
+        let header = match Box::pin(tokio::time::timeout(limits.header_timeout, read)).await {
             Ok(h) => h?,
             Err(_) => return Err(ConnError::ProxyProtocolTimeout),
         };
@@ -251,7 +270,7 @@ async fn connection(
         .iter()
         .any(|n| n.contains(&peer_ip));
     drop(live);
-    let mut fwd = Forwarded {
+    let fwd = Forwarded {
         peer: peer_ip,
         // An IP address always formats as a valid header value.
         peer_ip: HeaderValue::from_str(&peer_ip.to_string())
@@ -264,10 +283,27 @@ async fn connection(
     };
     let deadlines = Deadlines::from_limits(&limits);
     let Some(acceptor) = &opts.tls else {
-        let errors = Some(Arc::clone(proxy.unrouted()));
+        let errors = Some(Arc::clone(conn.proxy.unrouted()));
         let io = ClientIo::new(stream, Track::counting(deadlines, errors));
-        return serve_http1(io, proxy, fwd, &limits, watcher, stop).await;
+        return serve_http1(io, fwd, &limits, conn).await;
     };
+    // Boxed: a plain connection's task has no room for TLS's larger state (the
+    // handshake, rustls's session, HTTP/2).
+    Box::pin(tls_connection(
+        stream, acceptor, fwd, limits, deadlines, conn,
+    ))
+    .await
+}
+
+/// The TLS handshake, then HTTP/2 or HTTP/1.1 by ALPN.
+async fn tls_connection(
+    stream: TcpStream,
+    acceptor: &TlsAcceptor,
+    mut fwd: Forwarded,
+    limits: LimitsSpec,
+    deadlines: Deadlines,
+    conn: Conn,
+) -> Result<(), ConnError> {
     let tls = match tokio::time::timeout(limits.header_timeout, acceptor.accept(stream)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => return Err(ConnError::Handshake(e)),
@@ -280,11 +316,11 @@ async fn connection(
         sni: session.server_name().map(Box::from),
     });
     if !h2 {
-        let errors = Some(Arc::clone(proxy.unrouted()));
+        let errors = Some(Arc::clone(conn.proxy.unrouted()));
         let io = ClientIo::new(tls, Track::counting(deadlines, errors));
-        return serve_http1(io, proxy, fwd, &limits, watcher, stop).await;
+        return serve_http1(io, fwd, &limits, conn).await;
     }
-    serve_h2(tls, proxy, fwd, &limits, watcher, stop).await
+    serve_h2(tls, conn.proxy, fwd, &limits, conn.watcher, conn.stop).await
 }
 
 /// Serves HTTP/2 on a TLS connection. The connection counts in graceful shutdown by
@@ -369,36 +405,26 @@ where
 /// switched it to ([`crate::tunnel`]). The connection counts in graceful shutdown by
 /// holding `watcher` until both are over; it is told to finish its request in flight
 /// and close when `stop` says the listener stops (a tunnel is not interrupted: it
-/// lasts until it ends or the process exits).
+/// lasts until it ends or the process exits). On a plain listener, a connection idle
+/// for [`crate::park::PARK_AFTER`] is parked between requests ([`crate::park`]).
 async fn serve_http1<I>(
-    io: ClientIo<I>,
-    proxy: Arc<Proxy>,
+    mut io: ClientIo<I>,
     mut fwd: Forwarded,
     limits: &LimitsSpec,
-    watcher: Watcher,
-    mut stop: tokio::sync::watch::Receiver<bool>,
+    conn: Conn,
 ) -> Result<(), ConnError>
 where
-    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Parkable + Unpin + Send + 'static,
 {
-    let _watcher = watcher;
+    let Conn {
+        proxy,
+        watcher: _watcher,
+        mut stop,
+        parked,
+    } = conn;
     let track = Arc::clone(io.track());
-    let tunnel = Arc::clone(&track);
     fwd.track = Some(Arc::clone(&track));
     let fwd = Arc::new(fwd);
-    let first = Arc::new(tokio::sync::Notify::new());
-    let seen = Arc::clone(&first);
-    let svc = service_fn(move |req| {
-        let verdict = track.begin();
-        let request = InFlight(Arc::clone(&track));
-        seen.notify_one();
-        let proxy = Arc::clone(&proxy);
-        let fwd = Arc::clone(&fwd);
-        async move {
-            let _request = request;
-            Ok::<_, Infallible>(proxy.handle(req, &fwd, verdict).await)
-        }
-    });
     // Deadlines are [`ClientIo`]'s (hyper's own head timer is off: it cannot tell an
     // idle keep-alive connection from a slow head). Header count and size limits are
     // hyper's, answered 431; the read buffer is no larger than the head limit.
@@ -407,41 +433,116 @@ where
     // per second on one core (BENCHMARKS.md, "Write strategy").
     // With upgrades: after a `101` hyper hands the stream to the request's upgrade
     // (the tunnel) and the connection future ends.
-    let conn = http1::Builder::new()
+    let mut builder = http1::Builder::new();
+    builder
         .timer(TokioTimer::new())
         .header_read_timeout(None)
         .max_headers(limits.max_headers)
         .max_header_size(limits.max_header_bytes)
         .max_buf_size(limits.max_header_bytes.max(8192))
         .keep_alive(true)
-        .writev(false)
-        .serve_connection(TokioIo::new(io), svc)
-        .with_upgrades();
-    tokio::pin!(conn);
-    // Until its first request arrives, a fresh connection holds the watcher (so a
-    // shutdown waits for it) but is not told to shut down: hyper would close it
-    // unread, and the client's request may already be in the socket buffer (a
-    // connection accepted just before SIGTERM or an upgrade). Bounded by the head
-    // deadline.
-    let done = tokio::select! {
-        r = conn.as_mut() => {
-            r?;
-            true
-        }
-        _ = first.notified() => false,
-    };
-    if !done {
-        tokio::select! {
-            r = conn.as_mut() => r?,
-            // A closed channel means the server is gone: drain too.
-            _ = async { stop.wait_for(|stopped| *stopped).await.is_ok() } => {
-                conn.as_mut().graceful_shutdown();
-                conn.as_mut().await?;
+        .writev(false);
+    loop {
+        let first = Arc::new(tokio::sync::Notify::new());
+        let svc = {
+            let track = Arc::clone(&track);
+            let seen = Arc::clone(&first);
+            let proxy = Arc::clone(&proxy);
+            let fwd = Arc::clone(&fwd);
+            service_fn(move |req| {
+                let verdict = track.begin();
+                let request = InFlight(Arc::clone(&track));
+                seen.notify_one();
+                let proxy = Arc::clone(&proxy);
+                let fwd = Arc::clone(&fwd);
+                async move {
+                    let _request = request;
+                    let resp = proxy.handle(req, &fwd, verdict).await;
+                    let track = &_request.0;
+                    Ok::<_, Infallible>(resp.map(|body| Answer::new(body, track)))
+                }
+            })
+        };
+        // Boxed: a parked connection gives all of it back.
+        let mut http = Box::pin(
+            builder
+                .serve_connection(TokioIo::new(io), svc)
+                .with_upgrades(),
+        );
+        // Until its first request arrives, a connection (fresh or unparked) holds the
+        // watcher (so a shutdown waits for it) but is not told to shut down: hyper
+        // would close it unread, and the client's request may already be in the
+        // socket buffer (a connection accepted just before SIGTERM or an upgrade).
+        // Bounded by the head deadline.
+        let mut served = false;
+        let park = loop {
+            let park_at = if I::PARKS { track.park_at() } else { None };
+            // Not idle now: look again in a while (one timer per connection and
+            // `PARK_AFTER`, only while the connection is busy).
+            let look = park_at.unwrap_or_else(|| tokio::time::Instant::now() + track.park_after());
+            tokio::select! {
+                biased;
+                r = http.as_mut() => {
+                    r?;
+                    break false;
+                }
+                _ = first.notified(), if !served => served = true,
+                // A closed channel means the server is gone: drain too.
+                _ = async { stop.wait_for(|stopped| *stopped).await.is_ok() }, if served => {
+                    http.as_mut().graceful_shutdown();
+                    http.as_mut().await?;
+                    break false;
+                }
+                _ = tokio::time::sleep_until(look), if I::PARKS => {
+                    if track.park_at().is_some_and(|at| at <= tokio::time::Instant::now()) {
+                        break true;
+                    }
+                }
             }
+        };
+        if !park {
+            break;
+        }
+        // An idle point: hyper closes at once, and its shutdown of the stream is
+        // swallowed.
+        track.set_parking(true);
+        http.as_mut().graceful_shutdown();
+        let closed = http.as_mut().await;
+        track.set_parking(false);
+        closed?;
+        let Some(parts) = Pin::into_inner(http).into_parts() else {
+            break;
+        };
+        io = parts.io.into_inner();
+        if !parts.read_buf.is_empty() {
+            // Part of a next request had arrived with the last one: serve it now.
+            io.replay(parts.read_buf);
+            continue;
+        }
+        let _parked = Parked::new(&parked);
+        match crate::park::wait(&io, &mut stop).await {
+            Wake::Readable => continue,
+            Wake::Expired | Wake::Stopped => return Ok(()),
         }
     }
-    tunnel.tunnel_closed().await;
+    track.tunnel_closed().await;
     Ok(())
+}
+
+/// Counts one parked connection in the listener's gauge while it lives.
+struct Parked(prometheus::IntGauge);
+
+impl Parked {
+    fn new(gauge: &prometheus::IntGauge) -> Self {
+        gauge.inc();
+        Parked(gauge.clone())
+    }
+}
+
+impl Drop for Parked {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }
 
 #[cfg(test)]

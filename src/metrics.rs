@@ -48,6 +48,7 @@ pub struct Metrics {
     retries: IntCounterVec,
     access_log_dropped: IntCounter,
     connections: IntGaugeVec,
+    connections_parked: IntGaugeVec,
     connections_refused: IntCounterVec,
     snapshots: crate::edge::SnapshotMetrics,
 }
@@ -57,6 +58,9 @@ pub struct Metrics {
 pub struct ListenerMetrics {
     /// Open client connections (also the count `max_connections` is checked against).
     pub open: IntGauge,
+    /// Open connections that are parked (see [`crate::conn`]): idle, holding no
+    /// HTTP state.
+    pub parked: IntGauge,
     /// Connections refused at `max_connections`.
     pub refused: IntCounter,
 }
@@ -167,6 +171,13 @@ impl Metrics {
             ),
             &["listener"],
         )?;
+        let connections_parked = IntGaugeVec::new(
+            Opts::new(
+                "launchday_connections_parked",
+                "Idle keep-alive connections parked: their HTTP state released, waiting in the kernel.",
+            ),
+            &["listener"],
+        )?;
         let connections_refused = IntCounterVec::new(
             Opts::new(
                 "launchday_connections_refused_total",
@@ -193,6 +204,7 @@ impl Metrics {
             Box::new(build_info) as Box<dyn prometheus::core::Collector>,
             Box::new(access_log_dropped.clone()),
             Box::new(connections.clone()),
+            Box::new(connections_parked.clone()),
             Box::new(connections_refused.clone()),
             Box::new(backend_up.clone()),
             Box::new(health_checks.clone()),
@@ -230,6 +242,7 @@ impl Metrics {
             retries,
             access_log_dropped,
             connections,
+            connections_parked,
             connections_refused,
         })
     }
@@ -244,6 +257,7 @@ impl Metrics {
     pub fn listener(&self, name: &str) -> ListenerMetrics {
         ListenerMetrics {
             open: self.connections.with_label_values(&[name]),
+            parked: self.connections_parked.with_label_values(&[name]),
             refused: self.connections_refused.with_label_values(&[name]),
         }
     }

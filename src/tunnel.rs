@@ -256,6 +256,7 @@ mod tests {
                 Track::new(Deadlines {
                     header_timeout: Duration::from_secs(10),
                     idle_timeout: Duration::from_secs(60),
+                    park_after: Duration::from_secs(60),
                 })
             }),
         }
