@@ -99,8 +99,6 @@ struct State {
     reader: Option<std::task::Waker>,
     /// A tunnel is open on this connection ([`OpenTunnel`] alive).
     tunnel_open: bool,
-    /// Responses handed to hyper whose bodies it has not finished (dropped) yet.
-    answering: u32,
     /// The connection is being parked: hyper was told to stop at an idle point, and
     /// its shutdown of the stream must not reach the socket ([`crate::park`]).
     parking: bool,
@@ -164,7 +162,6 @@ impl Track {
                 verdict: Verdict::default(),
                 reader: None,
                 tunnel_open: false,
-                answering: 0,
                 parking: false,
             }),
             deadlines,
@@ -180,7 +177,9 @@ impl Track {
         std::mem::take(&mut s.verdict)
     }
 
-    /// The service produced its answer (or was dropped).
+    /// The request is over: on HTTP/1 hyper finished (or dropped) its response body,
+    /// or the service was dropped before answering; on HTTP/2 the service produced
+    /// its answer.
     pub fn end(&self) {
         let mut s = self.state.lock();
         s.in_flight = s.in_flight.saturating_sub(1);
@@ -246,22 +245,12 @@ impl Track {
         (s.in_flight == 0).then_some(s.since)
     }
 
-    /// A response was handed to hyper; [`Track::answered`] when hyper drops its body.
-    pub(crate) fn answering(&self) {
-        self.state.lock().answering += 1;
-    }
-
-    /// hyper finished (or dropped) a response body.
-    pub(crate) fn answered(&self) {
-        let mut s = self.state.lock();
-        s.answering = s.answering.saturating_sub(1);
-    }
-
-    /// When the connection may be parked, if it is idle now: nothing in flight, every
-    /// response body finished, no byte of a next request read, no tunnel.
+    /// When the connection may be parked, if it is idle now: nothing in flight (on
+    /// HTTP/1 a request stays in flight until hyper has finished its response body,
+    /// see [`crate::park::Answer`]), no byte of a next request read, no tunnel.
     pub(crate) fn park_at(&self) -> Option<Instant> {
         let s = self.state.lock();
-        let idle = s.in_flight == 0 && s.answering == 0 && !s.tunnel_open;
+        let idle = s.in_flight == 0 && !s.tunnel_open;
         (idle && matches!(s.phase, Phase::Waiting { .. }))
             .then(|| s.since + self.deadlines.park_after)
     }

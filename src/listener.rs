@@ -456,10 +456,11 @@ where
                 let proxy = Arc::clone(&proxy);
                 let fwd = Arc::clone(&fwd);
                 async move {
-                    let _request = request;
+                    // In flight until hyper has written the answer's body, or until
+                    // this future is dropped unanswered.
+                    let request = request;
                     let resp = proxy.handle(req, &fwd, verdict).await;
-                    let track = &_request.0;
-                    Ok::<_, Infallible>(resp.map(|body| Answer::new(body, track)))
+                    Ok::<_, Infallible>(resp.map(|body| Answer::new(body, request)))
                 }
             })
         };

@@ -2,17 +2,17 @@
 //! that has been idle for [`PARK_AFTER`] gives back everything hyper holds for it
 //! (its 8 KiB read buffer, its write buffer, the room it keeps for the request
 //! future, the connection state: ~20 KiB) and waits in the kernel with only its
-//! socket, its [`Track`] and a timer. When the client sends its next request, a new
+//! socket, its `Track` and a timer. When the client sends its next request, a new
 //! hyper connection is built around the same stream. nginx does the same for its
 //! keep-alive connections (it frees their buffers between requests); it is what lets
 //! 10,000 idle connections cost a few MiB instead of a few hundred.
 //!
 //! Invariants:
-//! - A connection is parked only at an idle point ([`Track::park_at`]): no request in
-//!   the service, every response body finished by hyper (an [`Answer`] tracks each
-//!   one), no byte of a next request read, no tunnel. hyper then closes the
+//! - A connection is parked only at an idle point ([`crate::conn::Track::park_at`]): no request in
+//!   the service and every response body finished by hyper (an [`Answer`] keeps its
+//!   request in flight until then), no byte of a next request read, no tunnel. hyper then closes the
 //!   connection at once (`graceful_shutdown` on an idle connection), and its shutdown
-//!   of the stream is swallowed (the `parking` flag of [`Track`]).
+//!   of the stream is swallowed (the `parking` flag of `Track`).
 //! - Nothing read is lost: bytes hyper read but did not use come back with the parts
 //!   and are replayed to the next hyper connection before the socket.
 //! - The deadlines go on: a parked connection is closed at `idle_timeout` after its
@@ -27,7 +27,6 @@
 //! peak of connections active at once (measured in BENCHMARKS.md).
 
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -35,7 +34,7 @@ use bytes::Bytes;
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use tokio::net::TcpStream;
 
-use crate::conn::{ClientIo, Track};
+use crate::conn::{ClientIo, InFlight};
 
 /// How long a keep-alive connection is idle before it is parked. Long enough that a
 /// client's next request on a busy connection (a page's assets, a keep-alive load
@@ -96,27 +95,20 @@ pub async fn wait<I: Parkable>(
     }
 }
 
-/// A response body counted in its connection's [`Track`] until hyper drops it (after
-/// writing it to its end, or when the connection fails), so that a connection is
-/// never parked in the middle of a response.
+/// A response body that keeps its request in flight ([`InFlight`]) until hyper drops
+/// it (after writing it to its end, or when the connection fails), so that a
+/// connection is never parked in the middle of a response.
 pub struct Answer<B> {
     body: B,
-    track: Arc<Track>,
+    _request: InFlight,
 }
 
 impl<B> Answer<B> {
-    pub fn new(body: B, track: &Arc<Track>) -> Self {
-        track.answering();
+    pub fn new(body: B, request: InFlight) -> Self {
         Answer {
             body,
-            track: Arc::clone(track),
+            _request: request,
         }
-    }
-}
-
-impl<B> Drop for Answer<B> {
-    fn drop(&mut self) {
-        self.track.answered();
     }
 }
 
