@@ -7,6 +7,7 @@
 pub mod accesslog;
 pub mod admin;
 pub mod body;
+pub mod coalesce;
 pub mod config;
 pub mod conn;
 pub mod demo;

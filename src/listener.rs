@@ -27,6 +27,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 
+use crate::coalesce::Coalesce;
 use crate::config::LimitsSpec;
 use crate::conn::{ClientIo, Deadlines, InFlight, Track, Verdict};
 use crate::headers::{Forwarded, TlsInfo};
@@ -366,7 +367,7 @@ where
         .max_header_list_size(h2_limits::MAX_HEADER_LIST_SIZE)
         .max_pending_accept_reset_streams(h2_limits::MAX_PENDING_ACCEPT_RESET_STREAMS)
         .max_local_error_reset_streams(h2_limits::MAX_LOCAL_ERROR_RESET_STREAMS)
-        .serve_connection(TokioIo::new(io), svc);
+        .serve_connection(TokioIo::new(Coalesce::new(io)), svc);
     tokio::pin!(conn);
     let idle = limits.idle_timeout;
     let mut draining = false;

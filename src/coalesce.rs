@@ -1,0 +1,332 @@
+//! Write coalescing for HTTP/2 client connections.
+//!
+//! The h2 crate flushes its output once per DATA frame larger than a few hundred
+//! bytes (it writes such a frame's payload straight from the body's buffer, and has
+//! room for only one of them at a time), so ten answers on one connection cost ten
+//! TLS records and ten `writev` calls, each crossing the kernel's TCP stack: half of
+//! launchday's CPU time in an HTTP/2 maintenance-page run was in those calls.
+//! [`Coalesce`] gathers what the connection writes during one poll of its task and
+//! writes it in one go, the way nginx sends an HTTP/2 connection's output once per
+//! event-loop turn.
+//!
+//! Invariants:
+//! - A flush is deferred, never lost: `poll_flush` with output pending wakes the
+//!   task, and the output is written at the start of the task's next poll (its first
+//!   read or write), or at once when more than [`LIMIT`] bytes are pending, or by
+//!   `poll_shutdown` before the stream is shut down.
+//! - Bytes are written in the order they were accepted; a write error is returned by
+//!   the next read, write, flush or shutdown.
+//! - At most [`LIMIT`] bytes (plus one write's worth) are held per connection, and
+//!   the buffer is released when the connection is idle.
+
+use std::io;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// Pending output above which it is written at once rather than at the next poll.
+pub const LIMIT: usize = 64 * 1024;
+
+/// A stream whose writes are gathered and sent once per poll of its task.
+pub struct Coalesce<I> {
+    io: I,
+    /// Output accepted but not yet written, from `pos` on.
+    buf: Vec<u8>,
+    pos: usize,
+    /// The last write found the socket full: its writability will wake the task, so
+    /// a deferred flush must not wake it again (that would spin).
+    blocked: bool,
+}
+
+impl<I> Coalesce<I> {
+    pub fn new(io: I) -> Self {
+        Coalesce {
+            io,
+            buf: Vec::new(),
+            pos: 0,
+            blocked: false,
+        }
+    }
+
+    /// The wrapped stream.
+    pub fn get_ref(&self) -> &I {
+        &self.io
+    }
+}
+
+impl<I: AsyncWrite + Unpin> Coalesce<I> {
+    /// Writes the pending output; `Ready(Ok)` once all of it is written.
+    fn poll_drain(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while self.pos < self.buf.len() {
+            let written = Pin::new(&mut self.io).poll_write(cx, &self.buf[self.pos..]);
+            self.blocked = written.is_pending();
+            let n = ready!(written)?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            self.pos += n;
+        }
+        self.pos = 0;
+        if self.buf.capacity() > LIMIT {
+            // One burst of output does not keep a large buffer for the connection's life.
+            self.buf = Vec::new();
+        } else {
+            self.buf.clear();
+        }
+        ready!(Pin::new(&mut self.io).poll_flush(cx))?;
+        Poll::Ready(Ok(()))
+    }
+
+    fn pending(&self) -> usize {
+        self.buf.len() - self.pos
+    }
+
+    /// Accepts `n` bytes written by `put`, writing the pending output first when it
+    /// is over [`LIMIT`].
+    fn poll_accept(
+        &mut self,
+        cx: &mut Context<'_>,
+        n: usize,
+        put: impl FnOnce(&mut Vec<u8>),
+    ) -> Poll<io::Result<usize>> {
+        if self.pending() >= LIMIT {
+            ready!(self.poll_drain(cx))?;
+        }
+        put(&mut self.buf);
+        Poll::Ready(Ok(n))
+    }
+}
+
+impl<I: AsyncRead + AsyncWrite + Unpin> AsyncRead for Coalesce<I> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.pending() > 0 {
+            // The previous poll's output goes first. If the socket is full, the read
+            // goes on; the write's waker is registered and the rest goes out later.
+            if let Poll::Ready(Err(e)) = this.poll_drain(cx) {
+                return Poll::Ready(Err(e));
+            }
+        }
+        Pin::new(&mut this.io).poll_read(cx, buf)
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for Coalesce<I> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.get_mut()
+            .poll_accept(cx, data.len(), |buf| buf.extend_from_slice(data))
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let n = bufs.iter().map(|b| b.len()).sum();
+        self.get_mut().poll_accept(cx, n, |buf| {
+            buf.reserve(n);
+            for b in bufs {
+                buf.extend_from_slice(b);
+            }
+        })
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.pending() >= LIMIT {
+            return this.poll_drain(cx);
+        }
+        if this.pending() > 0 && !this.blocked {
+            // Written at the start of the next poll, with whatever else this poll
+            // still produces.
+            cx.waker().wake_by_ref();
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        ready!(this.poll_drain(cx))?;
+        Pin::new(&mut this.io).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use std::task::{Wake, Waker};
+
+    /// Records every write; `full` makes writes block.
+    #[derive(Default)]
+    struct Mock {
+        writes: Vec<Vec<u8>>,
+        full: bool,
+        flushes: usize,
+        shut: bool,
+    }
+
+    impl AsyncRead for Mock {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            _: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            Poll::Pending
+        }
+    }
+
+    impl AsyncWrite for Mock {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            data: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            let this = self.get_mut();
+            if this.full {
+                return Poll::Pending;
+            }
+            assert!(!this.shut, "write after shutdown");
+            this.writes.push(data.to_vec());
+            Poll::Ready(Ok(data.len()))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            self.get_mut().flushes += 1;
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            self.get_mut().shut = true;
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    #[derive(Default)]
+    struct Wakes(AtomicUsize);
+
+    impl Wake for Wakes {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+        fn wake_by_ref(self: &Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    fn waker() -> (Arc<Wakes>, Waker) {
+        let w = Arc::new(Wakes::default());
+        (Arc::clone(&w), Waker::from(w))
+    }
+
+    fn write(c: &mut Coalesce<Mock>, cx: &mut Context<'_>, data: &[u8]) {
+        match Pin::new(c).poll_write(cx, data) {
+            Poll::Ready(Ok(n)) => assert_eq!(n, data.len()),
+            other => panic!("write: {other:?}"),
+        }
+    }
+
+    fn read(c: &mut Coalesce<Mock>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let mut space = [0u8; 16];
+        Pin::new(c).poll_read(cx, &mut ReadBuf::new(&mut space))
+    }
+
+    #[test]
+    fn what_one_poll_writes_goes_out_in_one_write_at_the_next_read() {
+        let (wakes, w) = waker();
+        let mut cx = Context::from_waker(&w);
+        let mut c = Coalesce::new(Mock::default());
+        for (i, part) in [&b"HEADERS1"[..], b"DATA1", b"HEADERS2", b"DATA2"]
+            .iter()
+            .enumerate()
+        {
+            write(&mut c, &mut cx, part);
+            assert!(Pin::new(&mut c).poll_flush(&mut cx).is_ready());
+            assert_eq!(
+                wakes.0.load(Ordering::SeqCst),
+                i + 1,
+                "each deferred flush wakes the task"
+            );
+        }
+        assert!(c.io.writes.is_empty(), "nothing written during the poll");
+        assert!(read(&mut c, &mut cx).is_pending());
+        assert_eq!(c.io.writes, [b"HEADERS1DATA1HEADERS2DATA2".to_vec()]);
+        assert_eq!(c.io.flushes, 1);
+        // Nothing pending: a flush neither writes nor wakes.
+        assert!(Pin::new(&mut c).poll_flush(&mut cx).is_ready());
+        assert_eq!(wakes.0.load(Ordering::SeqCst), 4);
+        assert_eq!(c.io.writes.len(), 1);
+    }
+
+    #[test]
+    fn vectored_writes_are_gathered_in_order() {
+        let (_, w) = waker();
+        let mut cx = Context::from_waker(&w);
+        let mut c = Coalesce::new(Mock::default());
+        let parts = [io::IoSlice::new(b"ab"), io::IoSlice::new(b"cd")];
+        let n = Pin::new(&mut c).poll_write_vectored(&mut cx, &parts);
+        assert!(matches!(n, Poll::Ready(Ok(4))));
+        write(&mut c, &mut cx, b"ef");
+        assert!(read(&mut c, &mut cx).is_pending());
+        assert_eq!(c.io.writes, [b"abcdef".to_vec()]);
+    }
+
+    #[test]
+    fn shutdown_writes_the_pending_output_first() {
+        let (_, w) = waker();
+        let mut cx = Context::from_waker(&w);
+        let mut c = Coalesce::new(Mock::default());
+        write(&mut c, &mut cx, b"GOAWAY");
+        assert!(Pin::new(&mut c).poll_flush(&mut cx).is_ready());
+        assert!(Pin::new(&mut c).poll_shutdown(&mut cx).is_ready());
+        assert_eq!(c.io.writes, [b"GOAWAY".to_vec()]);
+        assert!(c.io.shut);
+    }
+
+    #[test]
+    fn output_over_the_limit_is_written_at_once() {
+        let (_, w) = waker();
+        let mut cx = Context::from_waker(&w);
+        let mut c = Coalesce::new(Mock::default());
+        let big = vec![7u8; LIMIT];
+        write(&mut c, &mut cx, &big);
+        assert!(c.io.writes.is_empty());
+        // The next write (or flush) finds LIMIT bytes pending and writes them first.
+        write(&mut c, &mut cx, b"x");
+        assert_eq!(c.io.writes, [big]);
+        assert_eq!(c.pending(), 1);
+    }
+
+    #[test]
+    fn a_full_socket_applies_back_pressure_and_does_not_spin() {
+        let (wakes, w) = waker();
+        let mut cx = Context::from_waker(&w);
+        let mut c = Coalesce::new(Mock::default());
+        write(&mut c, &mut cx, &vec![1u8; LIMIT]);
+        c.io.full = true;
+        // Over the limit with a full socket: the writer must wait.
+        assert!(Pin::new(&mut c).poll_write(&mut cx, b"more").is_pending());
+        // A deferred flush does not wake the task while the socket is full (its
+        // writability will); reads still go on.
+        let before = wakes.0.load(Ordering::SeqCst);
+        assert!(read(&mut c, &mut cx).is_pending());
+        assert!(Pin::new(&mut c).poll_flush(&mut cx).is_pending());
+        assert_eq!(wakes.0.load(Ordering::SeqCst), before);
+        c.io.full = false;
+        assert!(read(&mut c, &mut cx).is_pending());
+        assert_eq!(c.io.writes.concat().len(), LIMIT);
+        assert_eq!(c.pending(), 0);
+    }
+}
