@@ -1,4 +1,5 @@
-//! Write coalescing for HTTP/2 client connections.
+//! How an HTTP/2 client connection's answers go out: written together, and
+//! produced in the connection's own task when they are ready at once.
 //!
 //! The h2 crate flushes its output once per DATA frame larger than a few hundred
 //! bytes (it writes such a frame's payload straight from the body's buffer, and has
@@ -9,11 +10,25 @@
 //! writes it in one go, the way nginx sends an HTTP/2 connection's output once per
 //! event-loop turn.
 //!
+//! [`InlineFirst`] is the executor hyper's HTTP/2 server runs each stream with: it
+//! polls the stream's future once in the connection's task, and spawns a task only
+//! when the answer is not done in that poll. A maintenance page, a snapshot hit or a
+//! refusal is thus answered without a task of its own (hyper would spawn one per
+//! stream: an allocation of the request future's size, a copy of it, a trip through
+//! the scheduler), and the answers of all the streams a read brought in are written
+//! by the connection's next flush, together.
+//!
+//! A poll of the connection's task is a *turn* ([`Turn`], advanced by [`NewTurn`]
+//! around the connection's future): output accepted during a turn is written at the
+//! first read or write of a later turn, never within the turn that produced it (hyper
+//! reads between two accepted streams, and the streams' answers must wait for each
+//! other).
+//!
 //! Invariants:
 //! - A flush is deferred, never lost: `poll_flush` with output pending wakes the
-//!   task, and the output is written at the start of the task's next poll (its first
-//!   read or write), or at once when more than [`LIMIT`] bytes are pending, or by
-//!   `poll_shutdown` before the stream is shut down.
+//!   task, and the output is written at the first read or write of its next turn, or
+//!   at once when more than [`LIMIT`] bytes are pending, or by `poll_shutdown` before
+//!   the stream is shut down.
 //! - Bytes are written in the order they were accepted; a write error is returned by
 //!   the next read, write, flush or shutdown.
 //! - At most [`LIMIT`] bytes (plus one write's worth) are held per connection, and
@@ -23,14 +38,73 @@ use std::io;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
+use std::future::Future;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// Runs an HTTP/2 stream's future once inline, then as a task if it is not done.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct InlineFirst;
+
+impl<F> hyper::rt::Executor<F> for InlineFirst
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    fn execute(&self, fut: F) {
+        // Pinned on the heap: a future that was polled may not move, and a pending
+        // one goes on in a task.
+        let mut fut = Box::pin(fut);
+        // A future registers the waker of each poll that returns pending; the task's
+        // first poll, which always comes, registers the task's own.
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        if fut.as_mut().poll(&mut cx).is_pending() {
+            tokio::spawn(fut);
+        }
+    }
+}
 
 /// Pending output above which it is written at once rather than at the next poll.
 pub const LIMIT: usize = 64 * 1024;
 
+/// The polls of one connection's task, counted.
+#[derive(Debug, Clone, Default)]
+pub struct Turn(Arc<AtomicU32>);
+
+impl Turn {
+    fn now(&self) -> u32 {
+        self.0.load(Ordering::Relaxed)
+    }
+
+    /// Starts the next turn.
+    pub fn advance(&self) {
+        self.0.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Polls `fut` as a new [`Turn`] of its connection's task.
+pub struct NewTurn<'a, F> {
+    pub fut: F,
+    pub turn: &'a Turn,
+}
+
+impl<F: Future + Unpin> Future for NewTurn<'_, F> {
+    type Output = F::Output;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        self.turn.advance();
+        Pin::new(&mut self.fut).poll(cx)
+    }
+}
+
 /// A stream whose writes are gathered and sent once per poll of its task.
 pub struct Coalesce<I> {
     io: I,
+    turn: Turn,
+    /// The turn in which the pending output was accepted.
+    since: u32,
     /// Output accepted but not yet written, from `pos` on.
     buf: Vec<u8>,
     pos: usize,
@@ -40,9 +114,11 @@ pub struct Coalesce<I> {
 }
 
 impl<I> Coalesce<I> {
-    pub fn new(io: I) -> Self {
+    pub fn new(io: I, turn: Turn) -> Self {
         Coalesce {
             io,
+            since: turn.now(),
+            turn,
             buf: Vec::new(),
             pos: 0,
             blocked: false,
@@ -82,6 +158,11 @@ impl<I: AsyncWrite + Unpin> Coalesce<I> {
         self.buf.len() - self.pos
     }
 
+    /// Output is pending from an earlier turn.
+    fn stale(&self) -> bool {
+        self.pending() > 0 && self.since != self.turn.now()
+    }
+
     /// Accepts `n` bytes written by `put`, writing the pending output first when it
     /// is over [`LIMIT`].
     fn poll_accept(
@@ -92,6 +173,14 @@ impl<I: AsyncWrite + Unpin> Coalesce<I> {
     ) -> Poll<io::Result<usize>> {
         if self.pending() >= LIMIT {
             ready!(self.poll_drain(cx))?;
+        } else if self.stale() {
+            // The socket may be full: then this goes behind the rest.
+            if let Poll::Ready(Err(e)) = self.poll_drain(cx) {
+                return Poll::Ready(Err(e));
+            }
+        }
+        if self.pending() == 0 {
+            self.since = self.turn.now();
         }
         put(&mut self.buf);
         Poll::Ready(Ok(n))
@@ -105,8 +194,8 @@ impl<I: AsyncRead + AsyncWrite + Unpin> AsyncRead for Coalesce<I> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        if this.pending() > 0 {
-            // The previous poll's output goes first. If the socket is full, the read
+        if this.stale() {
+            // An earlier turn's output goes first. If the socket is full, the read
             // goes on; the write's waker is registered and the rest goes out later.
             if let Poll::Ready(Err(e)) = this.poll_drain(cx) {
                 return Poll::Ready(Err(e));
@@ -148,6 +237,12 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Coalesce<I> {
         let this = self.get_mut();
         if this.pending() >= LIMIT {
             return this.poll_drain(cx);
+        }
+        if this.stale() {
+            // From an earlier turn: goes now (a full socket wakes the task later).
+            if let Poll::Ready(Err(e)) = this.poll_drain(cx) {
+                return Poll::Ready(Err(e));
+            }
         }
         if this.pending() > 0 && !this.blocked {
             // Written at the start of the next poll, with whatever else this poll
@@ -244,10 +339,11 @@ mod tests {
     }
 
     #[test]
-    fn what_one_poll_writes_goes_out_in_one_write_at_the_next_read() {
+    fn what_one_turn_writes_goes_out_in_one_write_at_the_next_turn() {
         let (wakes, w) = waker();
         let mut cx = Context::from_waker(&w);
-        let mut c = Coalesce::new(Mock::default());
+        let turn = Turn::default();
+        let mut c = Coalesce::new(Mock::default(), turn.clone());
         for (i, part) in [&b"HEADERS1"[..], b"DATA1", b"HEADERS2", b"DATA2"]
             .iter()
             .enumerate()
@@ -259,8 +355,11 @@ mod tests {
                 i + 1,
                 "each deferred flush wakes the task"
             );
+            // hyper reads between two streams of the same turn: nothing goes out.
+            assert!(read(&mut c, &mut cx).is_pending());
         }
-        assert!(c.io.writes.is_empty(), "nothing written during the poll");
+        assert!(c.io.writes.is_empty(), "nothing written during the turn");
+        turn.advance();
         assert!(read(&mut c, &mut cx).is_pending());
         assert_eq!(c.io.writes, [b"HEADERS1DATA1HEADERS2DATA2".to_vec()]);
         assert_eq!(c.io.flushes, 1);
@@ -274,11 +373,13 @@ mod tests {
     fn vectored_writes_are_gathered_in_order() {
         let (_, w) = waker();
         let mut cx = Context::from_waker(&w);
-        let mut c = Coalesce::new(Mock::default());
+        let turn = Turn::default();
+        let mut c = Coalesce::new(Mock::default(), turn.clone());
         let parts = [io::IoSlice::new(b"ab"), io::IoSlice::new(b"cd")];
         let n = Pin::new(&mut c).poll_write_vectored(&mut cx, &parts);
         assert!(matches!(n, Poll::Ready(Ok(4))));
         write(&mut c, &mut cx, b"ef");
+        turn.advance();
         assert!(read(&mut c, &mut cx).is_pending());
         assert_eq!(c.io.writes, [b"abcdef".to_vec()]);
     }
@@ -287,7 +388,8 @@ mod tests {
     fn shutdown_writes_the_pending_output_first() {
         let (_, w) = waker();
         let mut cx = Context::from_waker(&w);
-        let mut c = Coalesce::new(Mock::default());
+        let turn = Turn::default();
+        let mut c = Coalesce::new(Mock::default(), turn.clone());
         write(&mut c, &mut cx, b"GOAWAY");
         assert!(Pin::new(&mut c).poll_flush(&mut cx).is_ready());
         assert!(Pin::new(&mut c).poll_shutdown(&mut cx).is_ready());
@@ -299,7 +401,8 @@ mod tests {
     fn output_over_the_limit_is_written_at_once() {
         let (_, w) = waker();
         let mut cx = Context::from_waker(&w);
-        let mut c = Coalesce::new(Mock::default());
+        let turn = Turn::default();
+        let mut c = Coalesce::new(Mock::default(), turn.clone());
         let big = vec![7u8; LIMIT];
         write(&mut c, &mut cx, &big);
         assert!(c.io.writes.is_empty());
@@ -313,7 +416,8 @@ mod tests {
     fn a_full_socket_applies_back_pressure_and_does_not_spin() {
         let (wakes, w) = waker();
         let mut cx = Context::from_waker(&w);
-        let mut c = Coalesce::new(Mock::default());
+        let turn = Turn::default();
+        let mut c = Coalesce::new(Mock::default(), turn.clone());
         write(&mut c, &mut cx, &vec![1u8; LIMIT]);
         c.io.full = true;
         // Over the limit with a full socket: the writer must wait.
@@ -325,6 +429,7 @@ mod tests {
         assert!(Pin::new(&mut c).poll_flush(&mut cx).is_pending());
         assert_eq!(wakes.0.load(Ordering::SeqCst), before);
         c.io.full = false;
+        turn.advance();
         assert!(read(&mut c, &mut cx).is_pending());
         assert_eq!(c.io.writes.concat().len(), LIMIT);
         assert_eq!(c.pending(), 0);

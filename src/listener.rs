@@ -21,13 +21,13 @@ use std::time::Duration;
 use http::HeaderValue;
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 
-use crate::coalesce::Coalesce;
+use crate::coalesce::{Coalesce, InlineFirst, NewTurn, Turn};
 use crate::config::LimitsSpec;
 use crate::conn::{ClientIo, Deadlines, InFlight, Track, Verdict};
 use crate::headers::{Forwarded, TlsInfo};
@@ -361,13 +361,16 @@ where
             Ok::<_, Infallible>(resp)
         }
     });
-    let conn = http2::Builder::new(TokioExecutor::new())
+    // Each poll of this task is a turn of the connection: what it answers goes out
+    // together at the next one (crate::coalesce).
+    let turn = Turn::default();
+    let conn = http2::Builder::new(InlineFirst)
         .timer(TokioTimer::new())
         .max_concurrent_streams(h2_limits::MAX_CONCURRENT_STREAMS)
         .max_header_list_size(h2_limits::MAX_HEADER_LIST_SIZE)
         .max_pending_accept_reset_streams(h2_limits::MAX_PENDING_ACCEPT_RESET_STREAMS)
         .max_local_error_reset_streams(h2_limits::MAX_LOCAL_ERROR_RESET_STREAMS)
-        .serve_connection(TokioIo::new(Coalesce::new(io)), svc);
+        .serve_connection(TokioIo::new(Coalesce::new(io, turn.clone())), svc);
     tokio::pin!(conn);
     let idle = limits.idle_timeout;
     let mut draining = false;
@@ -375,7 +378,7 @@ where
         let idle_at = track.idle_since().map(|since| since + idle);
         let wake = idle_at.unwrap_or_else(|| tokio::time::Instant::now() + idle);
         tokio::select! {
-            r = conn.as_mut() => return Ok(r?),
+            r = NewTurn { fut: conn.as_mut(), turn: &turn } => return Ok(r?),
             _ = async { stop.wait_for(|stopped| *stopped).await.is_ok() }, if !draining => {
                 // A closed channel means the server is gone: drain too.
                 conn.as_mut().graceful_shutdown();
@@ -386,7 +389,8 @@ where
                 conn.as_mut().graceful_shutdown();
                 // Streams it still has open get a moment to finish, then the
                 // connection is dropped whatever the client does.
-                let _ = tokio::time::timeout(Duration::from_secs(1), conn.as_mut()).await;
+                let last = NewTurn { fut: conn.as_mut(), turn: &turn };
+                let _ = tokio::time::timeout(Duration::from_secs(1), last).await;
                 return Ok(());
             }
             _ = tokio::time::sleep_until(wake), if !draining => {

@@ -694,6 +694,45 @@ async fn alpn_chooses_h2_or_http1_and_requests_are_proxied_over_both() {
     assert_eq!(r.status, StatusCode::OK, "{}", r.text());
 }
 
+/// Answers ready at once (the beacon: answered in the connection's own task) and
+/// answers that wait for a back end (in a task of their own), many at a time on one
+/// HTTP/2 connection: every one arrives whole, whatever order they finish in (the
+/// connection writes its answers together once per turn, `launchday::coalesce`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2_answers_made_inline_and_in_tasks_all_arrive_on_one_connection() {
+    let backend = Backend::start("web").await;
+    let site = Site::start("", backend.addr).await;
+    let tls = connect(&any_client(), site.v6(), dns(BLOG)).await;
+    let Http::Two(h2) = Http::over(tls).await else {
+        panic!("h2 was negotiated");
+    };
+    let before = backend.count();
+    let tasks: Vec<_> = (0..300)
+        .map(|i| {
+            let mut c = Http::Two(h2.clone());
+            tokio::spawn(async move {
+                let path = if i % 3 == 0 {
+                    format!("/proxied/{i}")
+                } else {
+                    "/.well-known/launchday/beacon".to_string()
+                };
+                (i, c.get(BLOG, &path).await)
+            })
+        })
+        .collect();
+    for t in tasks {
+        let (i, r) = t.await.expect("request task");
+        if i % 3 == 0 {
+            assert_eq!(r.status, StatusCode::OK, "request {i}: {}", r.text());
+            assert_eq!(r.text(), "served by web\n", "request {i}");
+        } else {
+            assert_eq!(r.status, StatusCode::NO_CONTENT, "request {i}");
+            assert!(r.body.is_empty());
+        }
+    }
+    assert_eq!(backend.count(), before + 100);
+}
+
 /// Sends the HTTP/2 preface and an empty SETTINGS frame, and returns the server's
 /// first (non-ACK) SETTINGS frame as `(identifier, value)` pairs.
 async fn server_settings(mut tls: TlsStream<TcpStream>) -> Vec<(u16, u32)> {
