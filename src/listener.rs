@@ -179,7 +179,7 @@ pub async fn serve(
         let watcher = graceful.watcher();
         let proxy = Arc::clone(&proxy);
         let opts = Arc::clone(&opts);
-        let open = OpenConnection::new(&counts.open);
+        let open = Counted::new(&counts.open);
         let stop = stop.clone();
         let parked = counts.parked.clone();
         tokio::spawn(async move {
@@ -197,17 +197,17 @@ pub async fn serve(
     }
 }
 
-/// Counts one open connection in the listener's gauge while it lives.
-struct OpenConnection(prometheus::IntGauge);
+/// Counts one connection in a listener's gauge (open, parked) while it lives.
+struct Counted(prometheus::IntGauge);
 
-impl OpenConnection {
+impl Counted {
     fn new(gauge: &prometheus::IntGauge) -> Self {
         gauge.inc();
-        OpenConnection(gauge.clone())
+        Counted(gauge.clone())
     }
 }
 
-impl Drop for OpenConnection {
+impl Drop for Counted {
     fn drop(&mut self) {
         self.0.dec();
     }
@@ -525,7 +525,7 @@ where
             io.replay(parts.read_buf);
             continue;
         }
-        let _parked = Parked::new(&parked);
+        let _parked = Counted::new(&parked);
         match crate::park::wait(&io, &mut stop).await {
             Wake::Readable => continue,
             Wake::Expired | Wake::Stopped => return Ok(()),
@@ -533,22 +533,6 @@ where
     }
     track.tunnel_closed().await;
     Ok(())
-}
-
-/// Counts one parked connection in the listener's gauge while it lives.
-struct Parked(prometheus::IntGauge);
-
-impl Parked {
-    fn new(gauge: &prometheus::IntGauge) -> Self {
-        gauge.inc();
-        Parked(gauge.clone())
-    }
-}
-
-impl Drop for Parked {
-    fn drop(&mut self) {
-        self.0.dec();
-    }
 }
 
 #[cfg(test)]
