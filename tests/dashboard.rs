@@ -19,7 +19,7 @@ const DATASOURCE: &str = "${DS_PROMETHEUS}";
 const BEACON: &str = "/.well-known/launchday/beacon";
 
 /// Families the dashboard must show (one panel or more each).
-const EXPECTED: [&str; 15] = [
+const EXPECTED: [&str; 18] = [
     "launchday_requests_total",
     "launchday_request_duration_seconds",
     "launchday_backend_weight",
@@ -35,6 +35,9 @@ const EXPECTED: [&str; 15] = [
     "launchday_retries_total",
     "launchday_config_reloads_total",
     "launchday_config_last_reload_success_timestamp_seconds",
+    "launchday_connections",
+    "launchday_connections_parked",
+    "launchday_connections_refused_total",
 ];
 
 fn dashboard() -> Value {
