@@ -224,6 +224,7 @@ fn scanned_verdict(data: &[u8], step: usize) -> Verdict {
     let track = Track::new(Deadlines {
         header_timeout: Duration::from_secs(10),
         idle_timeout: Duration::from_secs(60),
+        park_after: Duration::from_secs(60),
     });
     let mut io = ClientIo::new(Client { data, step }, Arc::clone(&track));
     let mut cx = Context::from_waker(Waker::noop());
