@@ -806,4 +806,60 @@ mod tests {
         track.tunnel_closed().await;
         Track::new(deadlines(1, 5)).tunnel_closed().await;
     }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_may_be_parked_only_when_idle_and_a_replay_starts_a_head() {
+        let (mut client, server) = tokio::io::duplex(1024);
+        let mut d = deadlines(10, 60);
+        d.park_after = Duration::from_secs(1);
+        let track = Track::new(d);
+        let mut io = ClientIo::new(server, Arc::clone(&track));
+        // A fresh connection waiting for its first byte may be parked.
+        let t0 = Instant::now();
+        assert_eq!(track.park_at(), Some(t0 + Duration::from_secs(1)));
+        assert_eq!(track.waiting_deadline(), Some(t0 + Duration::from_secs(10)));
+        // Part of a head: not parked (hyper holds the bytes).
+        client.write_all(b"GET / HT").await.expect("write");
+        let mut buf = [0u8; 64];
+        assert!(io.read(&mut buf).await.expect("read") > 0);
+        assert_eq!(track.park_at(), None);
+        assert_eq!(track.waiting_deadline(), None);
+        client.write_all(b"TP/1.1\r\n\r\n").await.expect("write");
+        assert!(io.read(&mut buf).await.expect("read") > 0);
+        // In flight (on HTTP/1 until the answer's body is done): not parked.
+        track.begin();
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert_eq!(track.park_at(), None);
+        track.end();
+        // Idle after an answer: parked a second later; closed at idle_timeout.
+        let idle = Instant::now();
+        assert_eq!(track.park_at(), Some(idle + Duration::from_secs(1)));
+        assert_eq!(
+            track.waiting_deadline(),
+            Some(idle + Duration::from_secs(60))
+        );
+        // Bytes handed back by a parked hyper connection are the start of a head: they
+        // are scanned, start the head deadline, and forbid parking until it is whole.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        io.replay(bytes::Bytes::from_static(
+            b"POST / HTTP/1.1\r\nContent-Length: 3\r\n",
+        ));
+        assert_eq!(track.park_at(), None);
+        let n = io.read(&mut buf).await.expect("read");
+        assert_eq!(&buf[..n], b"POST / HTTP/1.1\r\nContent-Length: 3\r\n");
+        client
+            .write_all(b"Transfer-Encoding: chunked\r\n\r\n")
+            .await
+            .expect("write");
+        assert!(io.read(&mut buf).await.expect("read") > 0);
+        let verdict = track.begin();
+        assert!(
+            verdict.ambiguous_framing(),
+            "both framing headers seen: {verdict:?}"
+        );
+        track.end();
+        // A tunnel is never parked.
+        let _tunnel = track.tunnel();
+        assert_eq!(track.park_at(), None);
+    }
 }
