@@ -89,9 +89,10 @@ fn check(path: &Path) -> ExitCode {
     }
 }
 
-/// One multi-thread runtime with `threads` workers. A current-thread runtime measured
-/// no better with one worker (BENCHMARKS.md, "Runtime"), and this one also scales to
-/// more cores without a listener per core.
+/// One multi-thread runtime with `threads` workers. A current-thread runtime serves
+/// 1000 connections more fairly but with about a quarter less throughput on one core
+/// (BENCHMARKS.md, "Scheduler at 256 and 1000 connections"), and this one also scales
+/// to more cores without a listener per core.
 fn runtime(threads: usize) -> anyhow::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(threads.max(1))
