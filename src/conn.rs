@@ -27,6 +27,10 @@
 //! smuggling shape). The result of the scan ([`Verdict`]) is taken by the service
 //! when hyper hands it the request.
 //!
+//! The same [`Track`] says when a plain connection may be parked between requests
+//! (`Track::park_at`, see [`crate::park`]); on HTTP/1 a request stays in flight
+//! until hyper has finished its answer's body.
+//!
 //! Invariants: deadlines are enforced only when a read that would block is polled
 //! (by hyper, or by the tunnel after an upgrade), and only with no request in flight
 //! (the service's [`Track::begin`]/[`Track::end`] bracket each one), so a response

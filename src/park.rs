@@ -1,20 +1,21 @@
 //! Parking idle keep-alive connections: an HTTP/1 connection on a plain listener
 //! that has been idle for [`PARK_AFTER`] gives back everything hyper holds for it
 //! (its 8 KiB read buffer, its write buffer, the room it keeps for the request
-//! future, the connection state: ~20 KiB) and waits in the kernel with only its
+//! future, the connection state: ~15 KiB) and waits in the kernel with only its
 //! socket, its `Track` and a timer. When the client sends its next request, a new
 //! hyper connection is built around the same stream. nginx does the same for its
-//! keep-alive connections (it frees their buffers between requests); it is what lets
-//! 10,000 idle connections cost a few MiB instead of a few hundred.
+//! keep-alive connections (it frees their buffers between requests).
 //!
 //! Invariants:
-//! - A connection is parked only at an idle point ([`crate::conn::Track::park_at`]): no request in
-//!   the service and every response body finished by hyper (an [`Answer`] keeps its
-//!   request in flight until then), no byte of a next request read, no tunnel. hyper then closes the
-//!   connection at once (`graceful_shutdown` on an idle connection), and its shutdown
-//!   of the stream is swallowed (the `parking` flag of `Track`).
+//! - A connection is parked only at an idle point
+//!   (`Track::park_at` in [`crate::conn`]): no request in the service and every response
+//!   body finished by hyper (an [`Answer`] keeps its request in flight until then),
+//!   no byte of a next request read, no tunnel. hyper then closes the connection at
+//!   once (`graceful_shutdown` on an idle connection), and its shutdown of the stream
+//!   is swallowed (the `parking` flag of `Track`).
 //! - Nothing read is lost: bytes hyper read but did not use come back with the parts
-//!   and are replayed to the next hyper connection before the socket.
+//!   and are replayed to the next hyper connection before the socket (they are
+//!   scanned then, and start the head deadline).
 //! - The deadlines go on: a parked connection is closed at `idle_timeout` after its
 //!   last response (`header_timeout` if it never had a request), as an unparked one
 //!   would be, and at once on shutdown unless a request is already waiting in the
@@ -23,8 +24,9 @@
 //!   readiness would not show.
 //!
 //! The memory goes back to the allocator, which reuses it for the connections that
-//! become active next; glibc does not hand it back to the kernel, so RSS stays at the
-//! peak of connections active at once (measured in BENCHMARKS.md).
+//! become active next; glibc does not hand it back to the kernel, so RSS follows the
+//! peak of connections active at once rather than of connections open (measured in
+//! BENCHMARKS.md).
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
