@@ -733,6 +733,31 @@ async fn h2_answers_made_inline_and_in_tasks_all_arrive_on_one_connection() {
     assert_eq!(backend.count(), before + 100);
 }
 
+/// TLS connections are not parked (rustls may hold decrypted bytes that the socket's
+/// readiness would not show, `launchday::park`): an idle HTTP/1.1 connection over
+/// TLS stays as it is and keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_tls_connection_is_not_parked_and_keeps_serving() {
+    let backend = Backend::start("web").await;
+    let site = Site::start("", backend.addr).await;
+    let h1 = client_config(BOTH, H1, Trust::Any, false);
+    let tls = connect(&h1, site.v4(), dns(BLOG)).await;
+    let mut c = Http::over(tls).await;
+    assert!(matches!(c, Http::One(_)));
+    let r = c.get(BLOG, "/before").await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    // Longer than a plain connection's parking delay (1 s).
+    tokio::time::sleep(Duration::from_millis(1700)).await;
+    let parked = common::metric(
+        &site.metrics().await,
+        "launchday_connections_parked{listener=\"secure\"}",
+    );
+    assert_eq!(parked, Some(0.0));
+    let r = c.get(BLOG, "/after").await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!(backend.last().uri, "/after");
+}
+
 /// Sends the HTTP/2 preface and an empty SETTINGS frame, and returns the server's
 /// first (non-ACK) SETTINGS frame as `(identifier, value)` pairs.
 async fn server_settings(mut tls: TlsStream<TcpStream>) -> Vec<(u16, u32)> {
