@@ -124,11 +124,6 @@ impl<I> Coalesce<I> {
             blocked: false,
         }
     }
-
-    /// The wrapped stream.
-    pub fn get_ref(&self) -> &I {
-        &self.io
-    }
 }
 
 impl<I: AsyncWrite + Unpin> Coalesce<I> {
@@ -163,6 +158,17 @@ impl<I: AsyncWrite + Unpin> Coalesce<I> {
         self.pending() > 0 && self.since != self.turn.now()
     }
 
+    /// Writes output left from an earlier turn, as far as the socket takes it. A full
+    /// socket is no error: its writability wakes the task, and the rest goes later.
+    fn drain_stale(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
+        if self.stale() {
+            if let Poll::Ready(Err(e)) = self.poll_drain(cx) {
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
     /// Accepts `n` bytes written by `put`, writing the pending output first when it
     /// is over [`LIMIT`].
     fn poll_accept(
@@ -173,11 +179,9 @@ impl<I: AsyncWrite + Unpin> Coalesce<I> {
     ) -> Poll<io::Result<usize>> {
         if self.pending() >= LIMIT {
             ready!(self.poll_drain(cx))?;
-        } else if self.stale() {
-            // The socket may be full: then this goes behind the rest.
-            if let Poll::Ready(Err(e)) = self.poll_drain(cx) {
-                return Poll::Ready(Err(e));
-            }
+        } else {
+            // With the socket full, this goes behind the rest.
+            self.drain_stale(cx)?;
         }
         if self.pending() == 0 {
             self.since = self.turn.now();
@@ -194,13 +198,8 @@ impl<I: AsyncRead + AsyncWrite + Unpin> AsyncRead for Coalesce<I> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        if this.stale() {
-            // An earlier turn's output goes first. If the socket is full, the read
-            // goes on; the write's waker is registered and the rest goes out later.
-            if let Poll::Ready(Err(e)) = this.poll_drain(cx) {
-                return Poll::Ready(Err(e));
-            }
-        }
+        // An earlier turn's output goes first; with the socket full, the read goes on.
+        this.drain_stale(cx)?;
         Pin::new(&mut this.io).poll_read(cx, buf)
     }
 }
@@ -238,12 +237,7 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Coalesce<I> {
         if this.pending() >= LIMIT {
             return this.poll_drain(cx);
         }
-        if this.stale() {
-            // From an earlier turn: goes now (a full socket wakes the task later).
-            if let Poll::Ready(Err(e)) = this.poll_drain(cx) {
-                return Poll::Ready(Err(e));
-            }
-        }
+        this.drain_stale(cx)?;
         if this.pending() > 0 && !this.blocked {
             // Written at the start of the next poll, with whatever else this poll
             // still produces.

@@ -38,37 +38,9 @@ async fn connect(addr: SocketAddr) -> TcpStream {
     s
 }
 
-/// Reads one response framed by `Content-Length`; returns its status and text.
+/// Reads one response on a keep-alive connection; returns its status and text.
 async fn read_response(s: &mut TcpStream) -> (u16, String) {
-    let read = async {
-        let mut buf = Vec::new();
-        let mut chunk = [0u8; 4096];
-        loop {
-            if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
-                let len: usize = head
-                    .lines()
-                    .find_map(|l| l.strip_prefix("content-length:"))
-                    .map(|v| v.trim().parse().expect("length"))
-                    .expect("content-length in the answer");
-                if buf.len() >= end + 4 + len {
-                    let status = head[9..12].parse().expect("status");
-                    let text = String::from_utf8_lossy(&buf[..end + 4 + len]).into_owned();
-                    return (status, text);
-                }
-            }
-            let n = s.read(&mut chunk).await.expect("read");
-            assert!(
-                n > 0,
-                "closed mid-answer: {:?}",
-                String::from_utf8_lossy(&buf)
-            );
-            buf.extend_from_slice(&chunk[..n]);
-        }
-    };
-    tokio::time::timeout(3 * STEP, read)
-        .await
-        .expect("answer in time")
+    common::read_response(s).await.expect("answer")
 }
 
 async fn get_on(s: &mut TcpStream, path: &str) -> (u16, String) {

@@ -98,53 +98,12 @@ fn closed(bytes: Vec<u8>, at: Option<Duration>, how: String) -> Closed {
     Closed { bytes, at, how }
 }
 
-/// Reads one response (head, then a body framed by Content-Length or chunked) on a
-/// keep-alive connection; returns the status and the whole response as text.
-async fn read_response(s: &mut TcpStream) -> Result<(u16, String), String> {
-    let read = async {
-        let mut buf = Vec::new();
-        let mut chunk = [0u8; 4096];
-        loop {
-            if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
-                let length = head.lines().find_map(|l| {
-                    l.strip_prefix("content-length:")
-                        .and_then(|v| v.trim().parse::<usize>().ok())
-                });
-                let done = match length {
-                    Some(n) => buf.len() >= end + 4 + n,
-                    None if head.contains("transfer-encoding: chunked") => {
-                        buf.ends_with(b"0\r\n\r\n")
-                    }
-                    None => true,
-                };
-                if done {
-                    let text = String::from_utf8_lossy(&buf).into_owned();
-                    let status = text.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
-                    return Ok((status, text));
-                }
-            }
-            if buf.len() > 1 << 20 {
-                return Err("endless answer".into());
-            }
-            match s.read(&mut chunk).await {
-                Ok(0) => return Err(format!("closed after {:?}", String::from_utf8_lossy(&buf))),
-                Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                Err(e) => return Err(format!("read: {e}")),
-            }
-        }
-    };
-    tokio::time::timeout(STEP, read)
-        .await
-        .unwrap_or_else(|_| Err("no answer in time".into()))
-}
-
 /// Sends a small GET on `s` and reads the answer.
 async fn get_on(s: &mut TcpStream) -> Result<(u16, String), String> {
     s.write_all(b"GET / HTTP/1.1\r\nHost: site.example\r\n\r\n")
         .await
         .map_err(|e| format!("write: {e}"))?;
-    read_response(s).await
+    common::read_response(s).await
 }
 
 // ---------------------------------------------------------------------------------
@@ -419,7 +378,7 @@ async fn a_body_sent_in_pieces_with_pauses_below_the_body_timeout_is_served() {
             .await
             .unwrap_or_else(|e| panic!("piece {i}: {e}"));
     }
-    let (status, text) = read_response(&mut s).await.expect("answer");
+    let (status, text) = common::read_response(&mut s).await.expect("answer");
     assert_eq!(status, 200, "{text}");
     let seen = app.requests();
     assert_eq!(seen.len(), 1, "{seen:?}");

@@ -1482,3 +1482,45 @@ pub async fn raw_until_closed(addr: SocketAddr, bytes: &[u8]) -> String {
         .await
         .expect("connection closed in time")
 }
+
+/// Reads one response (head, then a body framed by Content-Length or chunked) on a
+/// keep-alive connection; returns the status and the whole response as text.
+pub async fn read_response(s: &mut TcpStream) -> Result<(u16, String), String> {
+    use tokio::io::AsyncReadExt;
+    let read = async {
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 4096];
+        loop {
+            if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+                let length = head.lines().find_map(|l| {
+                    l.strip_prefix("content-length:")
+                        .and_then(|v| v.trim().parse::<usize>().ok())
+                });
+                let done = match length {
+                    Some(n) => buf.len() >= end + 4 + n,
+                    None if head.contains("transfer-encoding: chunked") => {
+                        buf.ends_with(b"0\r\n\r\n")
+                    }
+                    None => true,
+                };
+                if done {
+                    let text = String::from_utf8_lossy(&buf).into_owned();
+                    let status = text.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
+                    return Ok((status, text));
+                }
+            }
+            if buf.len() > 1 << 20 {
+                return Err("endless answer".into());
+            }
+            match s.read(&mut chunk).await {
+                Ok(0) => return Err(format!("closed after {:?}", String::from_utf8_lossy(&buf))),
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                Err(e) => return Err(format!("read: {e}")),
+            }
+        }
+    };
+    tokio::time::timeout(STEP, read)
+        .await
+        .unwrap_or_else(|_| Err("no answer in time".into()))
+}
