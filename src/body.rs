@@ -134,6 +134,45 @@ impl http_body::Body for ClientBody {
     }
 }
 
+/// A client request's body as the service gets it: none (launchday's own HTTP/1.1
+/// path, [`crate::h1_server`], serves only requests without one) or hyper's stream.
+#[derive(Debug)]
+pub enum ReqBody {
+    /// The request has no body.
+    Empty,
+    /// The body as hyper reads it (HTTP/1.1 through hyper, HTTP/2).
+    Hyper(Incoming),
+}
+
+impl http_body::Body for ReqBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            ReqBody::Empty => Poll::Ready(None),
+            ReqBody::Hyper(inner) => Pin::new(inner).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ReqBody::Empty => true,
+            ReqBody::Hyper(inner) => inner.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ReqBody::Empty => SizeHint::with_exact(0),
+            ReqBody::Hyper(inner) => inner.size_hint(),
+        }
+    }
+}
+
 /// A request or response body.
 #[derive(Debug, Default)]
 pub enum Body {

@@ -275,6 +275,13 @@ impl Track {
         self.state.lock().parking = parking;
     }
 
+    /// Bytes of a next request that arrived while the last one was in flight (they
+    /// were not scanned then): scans them now, which starts the head phase and its
+    /// deadline, as if they had just been read.
+    pub(crate) fn rescan(&self, data: &[u8]) {
+        self.on_read(data);
+    }
+
     fn on_read(&self, data: &[u8]) {
         let mut s = self.state.lock();
         if s.phase == Phase::Tunnel {
@@ -467,6 +474,14 @@ impl<I> ClientIo<I> {
     pub(crate) fn replay(&mut self, bytes: bytes::Bytes) {
         debug_assert!(self.replay.is_empty());
         self.track.on_read(&bytes);
+        self.replay = bytes;
+    }
+
+    /// Gives back bytes read through this stream and already scanned (a head the
+    /// HTTP/1.1 fast path hands to hyper, [`crate::h1_server`]): read again before
+    /// the stream, not scanned twice.
+    pub(crate) fn give_back(&mut self, bytes: bytes::Bytes) {
+        debug_assert!(self.replay.is_empty());
         self.replay = bytes;
     }
 

@@ -12,6 +12,7 @@ pub mod config;
 pub mod conn;
 pub mod demo;
 pub mod edge;
+pub mod h1_server;
 pub mod headers;
 pub mod health;
 pub mod history;

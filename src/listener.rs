@@ -27,11 +27,12 @@ use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 
+use crate::body::ReqBody;
 use crate::coalesce::{Coalesce, InlineFirst, NewTurn, Turn};
 use crate::config::LimitsSpec;
 use crate::conn::{ClientIo, Deadlines, InFlight, Track, Verdict};
 use crate::headers::{Forwarded, TlsInfo};
-use crate::park::{Answer, Parkable, Wake};
+use crate::park::{Answer, Parkable};
 use crate::proxy::Proxy;
 
 /// Listen backlog (`net.core.somaxconn` caps it).
@@ -198,10 +199,10 @@ pub async fn serve(
 }
 
 /// Counts one connection in a listener's gauge (open, parked) while it lives.
-struct Counted(prometheus::IntGauge);
+pub(crate) struct Counted(prometheus::IntGauge);
 
 impl Counted {
-    fn new(gauge: &prometheus::IntGauge) -> Self {
+    pub(crate) fn new(gauge: &prometheus::IntGauge) -> Self {
         gauge.inc();
         Counted(gauge.clone())
     }
@@ -226,6 +227,8 @@ pub enum ConnError {
     HandshakeTimeout,
     #[error(transparent)]
     Http(#[from] hyper::Error),
+    #[error("client connection: {0}")]
+    Io(#[from] std::io::Error),
 }
 
 /// What serving one connection needs besides its stream.
@@ -356,7 +359,9 @@ where
         };
         async move {
             let mut request = request;
-            let resp = proxy.handle(req, &fwd, Verdict::default()).await;
+            let resp = proxy
+                .handle(req.map(ReqBody::Hyper), &fwd, Verdict::default())
+                .await;
             request.answered = true;
             Ok::<_, Infallible>(resp)
         }
@@ -447,7 +452,15 @@ where
         .max_buf_size(limits.max_header_bytes.max(8192))
         .keep_alive(true)
         .writev(false);
+    // launchday's own loop serves simple requests; hyper gets the connection from
+    // the first request that is not one until the connection is idle again.
+    let mut served = false;
     loop {
+        let fast =
+            crate::h1_server::serve(&mut io, &proxy, &fwd, limits, &mut stop, &parked, served);
+        if fast.await? == crate::h1_server::Exit::Closed {
+            return Ok(());
+        }
         let first = Arc::new(tokio::sync::Notify::new());
         let svc = {
             let track = Arc::clone(&track);
@@ -464,7 +477,7 @@ where
                     // In flight until hyper has written the answer's body, or until
                     // this future is dropped unanswered.
                     let request = request;
-                    let resp = proxy.handle(req, &fwd, verdict).await;
+                    let resp = proxy.handle(req.map(ReqBody::Hyper), &fwd, verdict).await;
                     Ok::<_, Infallible>(resp.map(|body| Answer::new(body, request)))
                 }
             })
@@ -480,7 +493,7 @@ where
         // would close it unread, and the client's request may already be in the
         // socket buffer (a connection accepted just before SIGTERM or an upgrade).
         // Bounded by the head deadline.
-        let mut served = false;
+        let mut first_seen = false;
         let park = loop {
             let park_at = if I::PARKS { track.park_at() } else { None };
             // Not idle now: look again in a while (one timer per connection and
@@ -492,9 +505,9 @@ where
                     r?;
                     break false;
                 }
-                _ = first.notified(), if !served => served = true,
+                _ = first.notified(), if !first_seen => first_seen = true,
                 // A closed channel means the server is gone: drain too.
-                _ = async { stop.wait_for(|stopped| *stopped).await.is_ok() }, if served => {
+                _ = async { stop.wait_for(|stopped| *stopped).await.is_ok() }, if served || first_seen => {
                     http.as_mut().graceful_shutdown();
                     http.as_mut().await?;
                     break false;
@@ -523,13 +536,10 @@ where
         if !parts.read_buf.is_empty() {
             // Part of a next request had arrived with the last one: serve it now.
             io.replay(parts.read_buf);
-            continue;
         }
-        let _parked = Counted::new(&parked);
-        match crate::park::wait(&io, &mut stop).await {
-            Wake::Readable => continue,
-            Wake::Expired | Wake::Stopped => return Ok(()),
-        }
+        // Back to the fast loop, which parks the connection (it has been idle
+        // long enough) unless a request is already there.
+        served = true;
     }
     track.tunnel_closed().await;
     Ok(())

@@ -15,11 +15,10 @@ use std::time::Instant;
 use arc_swap::ArcSwap;
 use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri};
-use hyper::body::Incoming;
 use parking_lot::Mutex;
 
 use crate::accesslog::{AccessLog, Entry, Facts};
-use crate::body::{Body, BodyError, ClientBody};
+use crate::body::{Body, BodyError, ClientBody, ReqBody};
 use crate::config::{AccessLogSpec, Class, ListenerSpec, Snapshot};
 use crate::conn::Verdict;
 use crate::edge::{
@@ -235,7 +234,7 @@ impl Proxy {
     #[allow(clippy::manual_async_fn)]
     pub fn handle<'a>(
         &'a self,
-        mut req: Request<Incoming>,
+        mut req: Request<ReqBody>,
         fwd: &'a Forwarded,
         verdict: Verdict,
     ) -> impl std::future::Future<Output = Response<Body>> + Send + 'a {
@@ -286,7 +285,7 @@ impl Proxy {
         &self,
         live: &Live,
         listener: Option<&ListenerSpec>,
-        req: Request<Incoming>,
+        req: Request<ReqBody>,
         fwd: &Forwarded,
         upgrade: Option<Upgrade>,
         facts: &mut Facts,
@@ -347,9 +346,13 @@ impl Proxy {
         }
         let start = Instant::now();
         let (parts, incoming) = req.into_parts();
-        let (acquired, body) = if http_body::Body::is_end_stream(&incoming) {
-            (pool.acquire(class).await, Body::Empty)
-        } else {
+        let incoming = match incoming {
+            ReqBody::Hyper(incoming) if !http_body::Body::is_end_stream(&incoming) => {
+                Some(incoming)
+            }
+            _ => None,
+        };
+        let (acquired, body) = if let Some(incoming) = incoming {
             let limits = &live.snapshot.limits;
             let incoming = ClientBody::new(incoming, limits.body_timeout, limits.max_body_bytes);
             match acquire_watching_body(pool, class, incoming).await {
@@ -365,6 +368,8 @@ impl Proxy {
                     return resp;
                 }
             }
+        } else {
+            (pool.acquire(class).await, Body::Empty)
         };
         if live.access_log.is_some() {
             facts.queue = Some(start.elapsed());

@@ -1,0 +1,558 @@
+//! launchday's own HTTP/1.1 server loop for simple requests; hyper serves the rest.
+//!
+//! Nearly every request on launch day is a `GET` without a body on a keep-alive
+//! connection, and most of them are answered from memory (the maintenance page, a
+//! snapshot, a redirect) or by the upstream fast path. For those, hyper's general
+//! machinery (its connection state, dispatcher and header encoder) cost more than
+//! the rest of the request path together (callgrind: ~8,500 of 13,800 instructions
+//! per maintenance page). This loop reads a head, parses it with httparse, calls the
+//! same service ([`Proxy::handle`]) and writes the answer itself.
+//!
+//! Invariants:
+//! - **Only simple requests.** HTTP/1.1, origin-form target, no `CONNECT`, at most
+//!   `max_headers` (and [`MAX_FIELDS`]) header fields within `max_header_bytes`, and none of
+//!   `Content-Length`, `Transfer-Encoding`, `Upgrade`, `Expect`, `TE`, or a
+//!   `Connection` other than `keep-alive`. Anything else (a body, an upgrade, HTTP/1.0,
+//!   a malformed or oversized head) is handed to hyper untouched: the bytes read go
+//!   back to the stream ([`ClientIo::give_back`]) and hyper parses, rejects (`400`,
+//!   `431`) or serves them exactly as it did before this path existed. A request is
+//!   never half-served by both.
+//! - **Same answers as hyper.** Status line, lower-case header names, `date`,
+//!   `content-length` from the body's exact size (or `transfer-encoding: chunked`),
+//!   no body for `HEAD`, `204` and `304`, `connection: close` when the connection will
+//!   close. A body that ends early or fails closes the connection (the client sees
+//!   a short answer, never a wrong next one).
+//! - **Same connection rules.** Every byte goes through [`ClientIo`], so the header
+//!   and idle deadlines, the `408` and the head scan apply unchanged. A request is in
+//!   flight (for parking and shutdown) from its head until its answer is written.
+//!   Bytes of a next request that arrived meanwhile are scanned afterwards
+//!   ([`Track::rescan`]). A client that closes while its request waits (say in a
+//!   pool's queue) cancels the request, which leaves the queue. On shutdown an idle
+//!   connection closes and a busy one closes after its answer (`connection: close`);
+//!   a connection is not told to stop before its first request (the head deadline
+//!   bounds it). An idle plain connection parks after [`crate::park::PARK_AFTER`]
+//!   and gives its buffers back.
+//! - **Nothing allocated per request by this loop** in steady state: the read buffer
+//!   is reclaimed once the request's head is dropped, the write buffer is reused.
+
+use std::future::poll_fn;
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::Poll;
+use std::time::SystemTime;
+
+use bytes::{BufMut, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http_body::Body as _;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use crate::body::{Body, ReqBody};
+use crate::config::LimitsSpec;
+use crate::conn::{ClientIo, Track};
+use crate::headers::Forwarded;
+use crate::listener::Counted;
+use crate::park::{Parkable, Wake};
+use crate::proxy::Proxy;
+
+/// Heads with more header fields than this go to hyper (which applies
+/// `max_headers`). Browsers send 10 to 20.
+pub const MAX_FIELDS: usize = 64;
+/// Read buffer growth step.
+const READ_CHUNK: usize = 4096;
+/// A streamed answer is written whenever this much is buffered.
+const FLUSH_AT: usize = 64 * 1024;
+
+/// Why [`serve`] returned.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Exit {
+    /// The connection is over (closed by either side, timed out, or shut down).
+    Closed,
+    /// A request this loop does not serve: its bytes were given back to the stream,
+    /// for hyper.
+    Handoff,
+}
+
+/// Serves simple requests on `io` until the connection ends or a request needs
+/// hyper. `served`: a request was already answered on this connection (then a
+/// shutdown closes it while idle).
+pub(crate) async fn serve<I>(
+    io: &mut ClientIo<I>,
+    proxy: &Proxy,
+    fwd: &Forwarded,
+    limits: &LimitsSpec,
+    stop: &mut watch::Receiver<bool>,
+    parked: &prometheus::IntGauge,
+    mut served: bool,
+) -> io::Result<Exit>
+where
+    I: AsyncRead + AsyncWrite + Parkable + Unpin,
+{
+    let track = Arc::clone(io.track());
+    let max_head = limits.max_header_bytes;
+    // More fields than either limit: hyper's (it answers 431 above `max_headers`).
+    let max_fields = limits.max_headers.min(MAX_FIELDS);
+    let mut buf = BytesMut::new();
+    let mut out = Vec::new();
+    // One timer and one shutdown watch for the connection's life, re-armed rather
+    // than registered anew for every request.
+    let look = tokio::time::sleep_until(Instant::now() + track.park_after());
+    tokio::pin!(look);
+    let mut watch = stop.clone();
+    let stopped = async move { watch.wait_for(|stopped| *stopped).await.is_ok() };
+    tokio::pin!(stopped);
+    loop {
+        let req = loop {
+            if !buf.is_empty() {
+                match parse(&mut buf, max_head, max_fields) {
+                    Parsed::Simple(req) => break req,
+                    Parsed::Other => {
+                        io.give_back(buf.freeze());
+                        return Ok(Exit::Handoff);
+                    }
+                    Parsed::Partial => {
+                        // The rest of the head (the head deadline is ClientIo's).
+                        buf.reserve(READ_CHUNK);
+                        if io.read_buf(&mut buf).await? == 0 {
+                            return Ok(Exit::Closed);
+                        }
+                        continue;
+                    }
+                }
+            }
+            // Idle between requests.
+            buf.reserve(READ_CHUNK);
+            let park = loop {
+                let at = if I::PARKS { track.park_at() } else { None };
+                // Busy: look again later (the timer is moved, not re-registered).
+                let at = at.unwrap_or_else(|| Instant::now() + track.park_after());
+                if I::PARKS && look.deadline() != at {
+                    look.as_mut().reset(at);
+                }
+                tokio::select! {
+                    biased;
+                    n = io.read_buf(&mut buf) => {
+                        if n? == 0 {
+                            return Ok(Exit::Closed);
+                        }
+                        break false;
+                    }
+                    _ = &mut stopped, if served => return Ok(Exit::Closed),
+                    () = &mut look, if I::PARKS => {
+                        if track.park_at().is_some_and(|at| at <= Instant::now()) {
+                            break true;
+                        }
+                    }
+                }
+            };
+            if park {
+                // Idle long enough: give the buffers back and wait in the kernel.
+                buf = BytesMut::new();
+                out = Vec::new();
+                let _parked = Counted::new(parked);
+                match crate::park::wait(io, stop).await {
+                    Wake::Readable => {}
+                    Wake::Expired | Wake::Stopped => return Ok(Exit::Closed),
+                }
+            }
+        };
+        served = true;
+        let head = req.method() == Method::HEAD;
+        let verdict = track.begin();
+        let in_flight = Ended(&track);
+        let answer = proxy.handle(req, fwd, verdict);
+        tokio::pin!(answer);
+        let resp = loop {
+            if buf.capacity() == buf.len() && buf.len() < max_head {
+                buf.reserve(READ_CHUNK);
+            }
+            tokio::select! {
+                biased;
+                resp = &mut answer => break resp,
+                // Watch for the client leaving while its request waits (pipelined
+                // bytes are kept for later, up to one head's worth).
+                n = io.read_buf(&mut buf), if buf.len() < max_head => {
+                    if n? == 0 {
+                        return Ok(Exit::Closed);
+                    }
+                }
+            }
+        };
+        let keep_alive = !*stop.borrow();
+        let keep = write(io, resp, head, keep_alive, &mut out).await?;
+        drop(in_flight);
+        if !keep {
+            let _ = io.shutdown().await;
+            return Ok(Exit::Closed);
+        }
+        if !buf.is_empty() {
+            track.rescan(&buf);
+        }
+    }
+}
+
+/// Ends the request in flight when dropped (answered, or abandoned on any exit).
+struct Ended<'a>(&'a Track);
+
+impl Drop for Ended<'_> {
+    fn drop(&mut self) {
+        self.0.end();
+    }
+}
+
+// Returned once per request and moved straight into the service: boxing the big
+// variant would be an allocation per request.
+#[allow(clippy::large_enum_variant)]
+enum Parsed {
+    /// More bytes are needed.
+    Partial,
+    /// Not a simple request (or not a valid one): hyper's.
+    Other,
+    Simple(Request<ReqBody>),
+}
+
+/// Header names that make a request hyper's.
+fn not_simple(name: &str, value: &[u8]) -> bool {
+    match name.len() {
+        2 => name.eq_ignore_ascii_case("te"),
+        6 => name.eq_ignore_ascii_case("expect"),
+        7 => name.eq_ignore_ascii_case("upgrade"),
+        10 => name.eq_ignore_ascii_case("connection") && !value.eq_ignore_ascii_case(b"keep-alive"),
+        14 => name.eq_ignore_ascii_case("content-length"),
+        17 => name.eq_ignore_ascii_case("transfer-encoding"),
+        _ => false,
+    }
+}
+
+/// Parses the head at the start of `buf`; on success the head's bytes are taken
+/// out of `buf` (the request's header values share them).
+fn parse(buf: &mut BytesMut, max_head: usize, max_fields: usize) -> Parsed {
+    let base = buf.as_ptr() as usize;
+    let offset = |s: &[u8]| (s.as_ptr() as usize - base) as u32;
+    // Start and end of each field's name and value, and of the target.
+    let mut at = [[0u32; 4]; MAX_FIELDS];
+    let mut fields = [const { std::mem::MaybeUninit::uninit() }; MAX_FIELDS];
+    let mut req = httparse::Request::new(&mut []);
+    let (len, method, target, n) = match req
+        .parse_with_uninit_headers(&buf[..], &mut fields[..max_fields])
+    {
+        Ok(httparse::Status::Partial) if buf.len() < max_head => return Parsed::Partial,
+        Ok(httparse::Status::Complete(len)) if len <= max_head => {
+            let (Some(method), Some(path), Some(1)) = (req.method, req.path, req.version) else {
+                return Parsed::Other;
+            };
+            if method == "CONNECT" || !path.starts_with('/') {
+                return Parsed::Other;
+            }
+            for (i, h) in req.headers.iter().enumerate() {
+                if not_simple(h.name, h.value) {
+                    return Parsed::Other;
+                }
+                let name = offset(h.name.as_bytes());
+                let value = offset(h.value);
+                at[i] = [
+                    name,
+                    name + h.name.len() as u32,
+                    value,
+                    value + h.value.len() as u32,
+                ];
+            }
+            let target = offset(path.as_bytes());
+            let target = (target, target + path.len() as u32);
+            let Ok(method) = Method::from_bytes(method.as_bytes()) else {
+                return Parsed::Other;
+            };
+            (len, method, target, req.headers.len())
+        }
+        _ => return Parsed::Other,
+    };
+    let head = buf.split_to(len).freeze();
+    let mut headers = HeaderMap::with_capacity(n);
+    for &[n0, n1, v0, v1] in &at[..n] {
+        let (Ok(name), Ok(value)) = (
+            HeaderName::from_bytes(&head[n0 as usize..n1 as usize]),
+            HeaderValue::from_maybe_shared(head.slice(v0 as usize..v1 as usize)),
+        ) else {
+            return give_up(buf, &head);
+        };
+        headers.append(name, value);
+    }
+    let Ok(uri) = Uri::from_maybe_shared(head.slice(target.0 as usize..target.1 as usize)) else {
+        return give_up(buf, &head);
+    };
+    let mut req = Request::new(ReqBody::Empty);
+    *req.method_mut() = method;
+    *req.uri_mut() = uri;
+    *req.version_mut() = Version::HTTP_11;
+    *req.headers_mut() = headers;
+    Parsed::Simple(req)
+}
+
+/// A head found unusable after it left `buf`: puts it back in front of the rest.
+fn give_up(buf: &mut BytesMut, head: &[u8]) -> Parsed {
+    let mut all = BytesMut::with_capacity(head.len() + buf.len());
+    all.put_slice(head);
+    all.put_slice(buf);
+    *buf = all;
+    Parsed::Other
+}
+
+/// How the answer's body is framed on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Framing {
+    /// Exactly this many bytes (0: no body is sent at all).
+    Length(u64),
+    Chunked,
+}
+
+/// Writes `resp`; returns whether the connection may carry another request.
+async fn write<I>(
+    io: &mut ClientIo<I>,
+    resp: Response<Body>,
+    head: bool,
+    keep_alive: bool,
+    out: &mut Vec<u8>,
+) -> io::Result<bool>
+where
+    I: AsyncRead + AsyncWrite + Unpin,
+{
+    let (parts, mut body) = resp.into_parts();
+    let len = if body.is_end_stream() {
+        None
+    } else {
+        Some(body.size_hint().exact())
+    };
+    out.clear();
+    let (framing, close) = encode_head(parts.status, &parts.headers, len, head, keep_alive, out);
+    drop(parts);
+    let mut left = match framing {
+        Framing::Length(0) => {
+            flush(io, out).await?;
+            return Ok(!close);
+        }
+        Framing::Length(n) => n,
+        Framing::Chunked => u64::MAX,
+    };
+    let mut whole = true;
+    loop {
+        // Whatever is ready now goes out in one write with the head.
+        let polled = poll_fn(|cx| Poll::Ready(Pin::new(&mut body).poll_frame(cx))).await;
+        let frame = match polled {
+            Poll::Ready(frame) => frame,
+            Poll::Pending => {
+                flush(io, out).await?;
+                poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await
+            }
+        };
+        let data = match frame {
+            None => break,
+            Some(Err(e)) => {
+                tracing::debug!(error = %e, "answer body failed; closing the connection");
+                whole = false;
+                break;
+            }
+            Some(Ok(frame)) => match frame.into_data() {
+                Ok(data) if !data.is_empty() => data,
+                // Trailers are not sent (as hyper does unless the client asked).
+                _ => continue,
+            },
+        };
+        if framing == Framing::Chunked {
+            write_hex(out, data.len());
+            out.extend_from_slice(&data);
+            out.extend_from_slice(b"\r\n");
+        } else {
+            let n = (data.len() as u64).min(left) as usize;
+            out.extend_from_slice(&data[..n]);
+            left -= n as u64;
+            if n < data.len() {
+                // Longer than announced: the rest is never sent.
+                whole = false;
+                break;
+            }
+        }
+        if out.len() >= FLUSH_AT {
+            flush(io, out).await?;
+        }
+    }
+    match framing {
+        Framing::Chunked if whole => out.extend_from_slice(b"0\r\n\r\n"),
+        Framing::Length(_) if left != 0 => whole = false,
+        _ => {}
+    }
+    flush(io, out).await?;
+    Ok(whole && !close)
+}
+
+async fn flush<I>(io: &mut ClientIo<I>, out: &mut Vec<u8>) -> io::Result<()>
+where
+    I: AsyncRead + AsyncWrite + Unpin,
+{
+    if !out.is_empty() {
+        io.write_all(out).await?;
+        out.clear();
+    }
+    io.flush().await
+}
+
+fn write_hex(out: &mut Vec<u8>, n: usize) {
+    let _ = std::io::Write::write_fmt(out, format_args!("{n:x}\r\n"));
+}
+
+/// Encodes the status line and headers as hyper's server does (RFC 9112 §6):
+/// returns the body's framing and whether the connection closes after it.
+fn encode_head(
+    status: StatusCode,
+    headers: &HeaderMap,
+    len: Option<Option<u64>>,
+    head: bool,
+    keep_alive: bool,
+    out: &mut Vec<u8>,
+) -> (Framing, bool) {
+    if status.is_informational() {
+        // Never made for a request without `Upgrade`; hyper answers 500 and closes.
+        out.extend_from_slice(
+            b"HTTP/1.1 500 Internal Server Error\r\ncontent-length: 0\r\nconnection: close\r\n",
+        );
+        date(out);
+        out.extend_from_slice(b"\r\n");
+        return (Framing::Length(0), true);
+    }
+    if status == StatusCode::OK {
+        out.extend_from_slice(b"HTTP/1.1 200 OK\r\n");
+    } else {
+        out.extend_from_slice(b"HTTP/1.1 ");
+        out.extend_from_slice(status.as_str().as_bytes());
+        out.push(b' ');
+        out.extend_from_slice(status.canonical_reason().unwrap_or("<none>").as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    let bodiless = matches!(status, StatusCode::NO_CONTENT | StatusCode::NOT_MODIFIED);
+    let can_body = !head && !bodiless;
+    let mut framing = None;
+    let mut close = !keep_alive;
+    let mut said_close = false;
+    let mut dated = false;
+    for (name, value) in headers {
+        match *name {
+            header::CONTENT_LENGTH => {
+                if framing.is_some() {
+                    continue;
+                }
+                match len {
+                    Some(Some(n)) => framing = Some(Framing::Length(n)),
+                    Some(None) => match parse_length(value) {
+                        Some(n) => framing = Some(Framing::Length(n)),
+                        None => continue,
+                    },
+                    // No body: only a HEAD answer keeps its length.
+                    None if head => framing = Some(Framing::Length(0)),
+                    None => continue,
+                }
+            }
+            header::TRANSFER_ENCODING => {
+                if !can_body || framing.is_some() {
+                    continue;
+                }
+                framing = Some(Framing::Chunked);
+                out.extend_from_slice(b"transfer-encoding: ");
+                out.extend_from_slice(value.as_bytes());
+                if !value.as_bytes().ends_with(b"chunked") {
+                    out.extend_from_slice(b", chunked");
+                }
+                out.extend_from_slice(b"\r\n");
+                continue;
+            }
+            header::CONNECTION if has_token(value, b"close") => {
+                close = true;
+                said_close = true;
+            }
+            header::DATE => dated = true,
+            header::TRAILER if !can_body => continue,
+            _ => {}
+        }
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    let framing = match framing {
+        Some(f) => f,
+        None => match len {
+            Some(None) if can_body => {
+                out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+                Framing::Chunked
+            }
+            Some(None) => Framing::Length(0),
+            Some(Some(n)) if n != 0 || !head => {
+                if !bodiless {
+                    out.extend_from_slice(b"content-length: ");
+                    out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+                    out.extend_from_slice(b"\r\n");
+                }
+                Framing::Length(n)
+            }
+            _ => {
+                if !bodiless && !head {
+                    out.extend_from_slice(b"content-length: 0\r\n");
+                }
+                Framing::Length(0)
+            }
+        },
+    };
+    if close && !said_close {
+        out.extend_from_slice(b"connection: close\r\n");
+    }
+    if !dated {
+        date(out);
+    }
+    out.extend_from_slice(b"\r\n");
+    let framing = if can_body {
+        framing
+    } else {
+        Framing::Length(0)
+    };
+    (framing, close)
+}
+
+fn parse_length(value: &HeaderValue) -> Option<u64> {
+    std::str::from_utf8(value.as_bytes())
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// Whether a comma-separated header value holds `token` (ASCII case-insensitive).
+fn has_token(value: &HeaderValue, token: &[u8]) -> bool {
+    value
+        .as_bytes()
+        .split(|&b| b == b',')
+        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
+}
+
+thread_local! {
+    /// The `date` header line of the current second (formatting it costs more than
+    /// the rest of the head).
+    static DATE: std::cell::RefCell<(u64, Vec<u8>)> = const { std::cell::RefCell::new((0, Vec::new())) };
+}
+
+fn date(out: &mut Vec<u8>) {
+    let now = SystemTime::now();
+    let secs = now
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    DATE.with_borrow_mut(|(at, line)| {
+        if *at != secs || line.is_empty() {
+            *at = secs;
+            line.clear();
+            line.extend_from_slice(b"date: ");
+            line.extend_from_slice(httpdate::fmt_http_date(now).as_bytes());
+            line.extend_from_slice(b"\r\n");
+        }
+        out.extend_from_slice(line);
+    });
+}
