@@ -556,3 +556,202 @@ fn date(out: &mut Vec<u8>) {
         out.extend_from_slice(line);
     });
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parsed(bytes: &[u8]) -> (Parsed, BytesMut) {
+        let mut buf = BytesMut::from(bytes);
+        let p = parse(&mut buf, 8192, 16);
+        (p, buf)
+    }
+
+    fn simple(bytes: &[u8]) -> (Request<ReqBody>, BytesMut) {
+        match parsed(bytes) {
+            (Parsed::Simple(req), rest) => (req, rest),
+            (Parsed::Partial, _) => panic!("partial: {:?}", String::from_utf8_lossy(bytes)),
+            (Parsed::Other, _) => panic!("other: {:?}", String::from_utf8_lossy(bytes)),
+        }
+    }
+
+    fn is_other(bytes: &[u8]) -> bool {
+        matches!(parsed(bytes).0, Parsed::Other)
+    }
+
+    #[test]
+    fn a_simple_head_becomes_a_request_and_leaves_the_rest() {
+        let (req, rest) = simple(
+            b"GET /a/b?c=d HTTP/1.1\r\nHost: example.com\r\nAccept-Encoding: gzip, br\r\nX-Custom: v\r\n\r\nGET /next",
+        );
+        assert_eq!(req.method(), Method::GET);
+        assert_eq!(req.uri().path(), "/a/b");
+        assert_eq!(req.uri().query(), Some("c=d"));
+        assert_eq!(req.version(), Version::HTTP_11);
+        assert_eq!(req.headers()["host"], "example.com");
+        assert_eq!(req.headers()["accept-encoding"], "gzip, br");
+        assert_eq!(req.headers()["x-custom"], "v");
+        assert_eq!(req.headers().len(), 3);
+        assert_eq!(&rest[..], b"GET /next");
+    }
+
+    #[test]
+    fn repeated_fields_stay_in_order_and_keep_alive_is_simple() {
+        let (req, _) = simple(
+            b"HEAD / HTTP/1.1\r\nHost: h\r\nCookie: a=1\r\nCookie: b=2\r\nConnection: Keep-Alive\r\n\r\n",
+        );
+        assert_eq!(req.method(), Method::HEAD);
+        let cookies: Vec<_> = req.headers().get_all("cookie").iter().collect();
+        assert_eq!(cookies, ["a=1", "b=2"]);
+    }
+
+    #[test]
+    fn an_incomplete_head_asks_for_more_until_the_limit() {
+        assert!(matches!(
+            parsed(b"GET / HTTP/1.1\r\nHost: h\r\n").0,
+            Parsed::Partial
+        ));
+        let mut long = b"GET / HTTP/1.1\r\nX: ".to_vec();
+        long.resize(8192, b'a');
+        assert!(
+            is_other(&long),
+            "a head that fills max_header_bytes is hyper's (431)"
+        );
+    }
+
+    #[test]
+    fn requests_that_are_not_simple_are_left_to_hyper() {
+        for head in [
+            &b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\n\r\nabc"[..],
+            b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: h\r\nconnection: close\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: h\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: h\r\nExpect: 100-continue\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: h\r\nTE: trailers\r\n\r\n",
+            b"GET / HTTP/1.0\r\nHost: h\r\n\r\n",
+            b"GET http://h/ HTTP/1.1\r\nHost: h\r\n\r\n",
+            b"OPTIONS * HTTP/1.1\r\nHost: h\r\n\r\n",
+            b"CONNECT h:443 HTTP/1.1\r\nHost: h:443\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: h\r\nBad Name: x\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: h\r\n folded\r\n\r\n",
+        ] {
+            assert!(is_other(head), "{:?}", String::from_utf8_lossy(head));
+        }
+    }
+
+    #[test]
+    fn more_fields_than_max_headers_is_hyper_s() {
+        let mut head = b"GET / HTTP/1.1\r\n".to_vec();
+        for i in 0..17 {
+            head.extend_from_slice(format!("X-{i}: v\r\n").as_bytes());
+        }
+        head.extend_from_slice(b"\r\n");
+        assert!(is_other(&head));
+    }
+
+    #[test]
+    fn a_head_given_up_after_the_split_is_restored_whole() {
+        // What follows the head stays after it.
+        let mut buf = BytesMut::from(&b"rest"[..]);
+        assert!(matches!(give_up(&mut buf, b"HEAD"), Parsed::Other));
+        assert_eq!(&buf[..], b"HEADrest");
+    }
+
+    fn encoded(
+        status: u16,
+        headers: &[(&str, &str)],
+        len: Option<Option<u64>>,
+        head: bool,
+        keep_alive: bool,
+    ) -> (String, Framing, bool) {
+        let mut map = HeaderMap::new();
+        for (n, v) in headers {
+            map.append(
+                HeaderName::from_bytes(n.as_bytes()).expect("name"),
+                HeaderValue::from_str(v).expect("value"),
+            );
+        }
+        let mut out = Vec::new();
+        let status = StatusCode::from_u16(status).expect("status");
+        let (framing, close) = encode_head(status, &map, len, head, keep_alive, &mut out);
+        (String::from_utf8(out).expect("ascii"), framing, close)
+    }
+
+    #[test]
+    fn a_known_length_is_announced_and_a_date_added() {
+        let (text, framing, close) =
+            encoded(503, &[("retry-after", "30")], Some(Some(4105)), false, true);
+        assert!(text.starts_with("HTTP/1.1 503 Service Unavailable\r\nretry-after: 30\r\ncontent-length: 4105\r\ndate: "), "{text}");
+        assert!(text.ends_with(" GMT\r\n\r\n"), "{text}");
+        assert_eq!((framing, close), (Framing::Length(4105), false));
+        let (text, ..) = encoded(200, &[], Some(Some(1)), false, true);
+        assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
+    }
+
+    #[test]
+    fn an_unknown_length_is_chunked_and_a_given_length_is_kept() {
+        let (text, framing, _) = encoded(200, &[], Some(None), false, true);
+        assert!(text.contains("transfer-encoding: chunked\r\n"), "{text}");
+        assert_eq!(framing, Framing::Chunked);
+        let (text, framing, _) = encoded(200, &[("content-length", "7")], Some(None), false, true);
+        assert_eq!(text.matches("content-length").count(), 1, "{text}");
+        assert_eq!(framing, Framing::Length(7));
+        let (text, framing, _) = encoded(
+            200,
+            &[("transfer-encoding", "gzip")],
+            Some(None),
+            false,
+            true,
+        );
+        assert!(
+            text.contains("transfer-encoding: gzip, chunked\r\n"),
+            "{text}"
+        );
+        assert_eq!(framing, Framing::Chunked);
+    }
+
+    #[test]
+    fn no_body_goes_out_for_head_204_and_304() {
+        let (text, framing, _) = encoded(503, &[], Some(Some(4105)), true, true);
+        assert!(
+            text.contains("content-length: 4105\r\n"),
+            "HEAD keeps the length: {text}"
+        );
+        assert_eq!(framing, Framing::Length(0));
+        for status in [204, 304] {
+            let (text, framing, _) = encoded(status, &[], Some(Some(5)), false, true);
+            assert!(!text.contains("content-length"), "{text}");
+            assert_eq!(framing, Framing::Length(0));
+        }
+        let (text, framing, _) = encoded(204, &[], None, false, true);
+        assert!(!text.contains("content-length"), "{text}");
+        assert_eq!(framing, Framing::Length(0));
+        let (text, _, _) = encoded(404, &[], None, false, true);
+        assert!(text.contains("content-length: 0\r\n"), "{text}");
+    }
+
+    #[test]
+    fn closing_is_said_once() {
+        let (text, _, close) = encoded(200, &[], Some(Some(1)), false, false);
+        assert!(close);
+        assert!(text.contains("connection: close\r\n"), "{text}");
+        let (text, _, close) = encoded(200, &[("connection", "close")], Some(Some(1)), false, true);
+        assert!(close);
+        assert_eq!(text.matches("connection").count(), 1, "{text}");
+        let (_, _, close) = encoded(
+            200,
+            &[("connection", "keep-alive")],
+            Some(Some(1)),
+            false,
+            true,
+        );
+        assert!(!close);
+    }
+
+    #[test]
+    fn an_informational_answer_becomes_a_500_that_closes() {
+        let (text, framing, close) = encoded(101, &[("upgrade", "x")], None, false, true);
+        assert!(text.starts_with("HTTP/1.1 500 "), "{text}");
+        assert_eq!((framing, close), (Framing::Length(0), true));
+    }
+}
