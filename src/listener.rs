@@ -417,6 +417,10 @@ where
 /// and close when `stop` says the listener stops (a tunnel is not interrupted: it
 /// lasts until it ends or the process exits). On a plain listener, a connection idle
 /// for [`crate::park::PARK_AFTER`] is parked between requests ([`crate::park`]).
+///
+/// Simple requests are served by [`crate::h1_server`]; from the first request that is
+/// not simple, hyper serves the connection until it is idle for `PARK_AFTER`, and then
+/// the fast loop takes it back (parking it at once unless a request is already there).
 async fn serve_http1<I>(
     mut io: ClientIo<I>,
     mut fwd: Forwarded,
