@@ -754,4 +754,54 @@ mod tests {
         assert!(text.starts_with("HTTP/1.1 500 "), "{text}");
         assert_eq!((framing, close), (Framing::Length(0), true));
     }
+
+    fn outcome(p: &Parsed) -> String {
+        match p {
+            Parsed::Partial => "partial".into(),
+            Parsed::Other => "other".into(),
+            Parsed::Simple(r) => format!("{} {} {:?}", r.method(), r.uri(), r.headers()),
+        }
+    }
+
+    proptest::proptest! {
+        // Arbitrary bytes never panic, and a head is either hyper's, incomplete, or a
+        // request whose every field came from the bytes.
+        #[test]
+        fn any_bytes_parse_without_panic(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..300)) {
+            let (p, rest) = parsed(&bytes);
+            if let Parsed::Simple(req) = &p {
+                proptest::prop_assert!(rest.len() < bytes.len());
+                for (name, value) in req.headers() {
+                    proptest::prop_assert!(!not_simple(name.as_str(), value.as_bytes()));
+                }
+            } else {
+                proptest::prop_assert_eq!(&rest[..], &bytes[..]);
+            }
+        }
+
+        // A head arriving in two pieces parses as it does whole.
+        #[test]
+        fn a_head_in_two_pieces_parses_as_whole(
+            path in "/[a-z0-9/?=&.%-]{0,40}",
+            fields in proptest::collection::vec(("[A-Za-z][A-Za-z0-9-]{0,12}", "[ -~]{0,30}"), 0..12),
+            cut in 0usize..400,
+        ) {
+            let mut head = format!("GET {path} HTTP/1.1\r\nHost: h\r\n");
+            for (n, v) in &fields {
+                head.push_str(&format!("{n}: {}\r\n", v.trim()));
+            }
+            head.push_str("\r\n");
+            let whole = outcome(&parsed(head.as_bytes()).0);
+            let cut = cut.min(head.len());
+            let mut buf = BytesMut::from(&head.as_bytes()[..cut]);
+            let first = parse(&mut buf, 8192, 16);
+            let got = if matches!(first, Parsed::Partial) {
+                buf.extend_from_slice(&head.as_bytes()[cut..]);
+                outcome(&parse(&mut buf, 8192, 16))
+            } else {
+                outcome(&first)
+            };
+            proptest::prop_assert_eq!(got, whole);
+        }
+    }
 }
