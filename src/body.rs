@@ -181,6 +181,11 @@ pub enum Body {
     Empty,
     /// A body known in full (local answers). `None` once sent.
     Full(Option<Bytes>),
+    /// A maintenance page for launchday's own HTTP/1.1 writer ([`crate::h1_server`]),
+    /// with its header lines already encoded in `head` (no `content-length`, which the
+    /// writer adds from the body), so that the answer costs no header map. Only made
+    /// when the handler was told the answer goes to that writer ([`crate::proxy::Wire`]).
+    Page { head: Bytes, body: Option<Bytes> },
     /// A request body partly read ahead while the request was queued: those frames
     /// first, then the rest of the stream.
     Prefetched {
@@ -273,7 +278,9 @@ impl http_body::Body for Body {
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         match self.get_mut() {
             Body::Empty => Poll::Ready(None),
-            Body::Full(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+            Body::Full(data) | Body::Page { body: data, .. } => {
+                Poll::Ready(data.take().map(|d| Ok(Frame::data(d))))
+            }
             Body::Prefetched { frames, inner } => match frames.pop_front() {
                 Some(f) => Poll::Ready(Some(Ok(f))),
                 None => Pin::new(inner).poll_frame(cx),
@@ -323,7 +330,7 @@ impl http_body::Body for Body {
     fn is_end_stream(&self) -> bool {
         match self {
             Body::Empty => true,
-            Body::Full(data) => data.is_none(),
+            Body::Full(data) | Body::Page { body: data, .. } => data.is_none(),
             Body::Prefetched { frames, inner } => frames.is_empty() && inner.is_end_stream(),
             Body::Client(inner) => inner.is_end_stream(),
             Body::Streaming { inner, .. } => inner.is_end_stream(),
@@ -334,8 +341,10 @@ impl http_body::Body for Body {
     fn size_hint(&self) -> SizeHint {
         match self {
             Body::Empty => SizeHint::with_exact(0),
-            Body::Full(Some(d)) => SizeHint::with_exact(d.len() as u64),
-            Body::Full(None) => SizeHint::with_exact(0),
+            Body::Full(Some(d)) | Body::Page { body: Some(d), .. } => {
+                SizeHint::with_exact(d.len() as u64)
+            }
+            Body::Full(None) | Body::Page { body: None, .. } => SizeHint::with_exact(0),
             Body::Prefetched { frames, inner } => {
                 let buffered: u64 = frames
                     .iter()

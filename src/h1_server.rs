@@ -56,7 +56,7 @@ use crate::conn::{ClientIo, Track};
 use crate::headers::Forwarded;
 use crate::listener::Counted;
 use crate::park::{Parkable, Wake};
-use crate::proxy::Proxy;
+use crate::proxy::{Proxy, Wire};
 
 /// Heads with more header fields than this go to hyper (which applies
 /// `max_headers`). Browsers send 10 to 20.
@@ -163,7 +163,7 @@ where
         let head = req.method() == Method::HEAD;
         let verdict = track.begin();
         let in_flight = Ended(&track);
-        let answer = proxy.handle(req, fwd, verdict);
+        let answer = proxy.handle(req, fwd, verdict, Wire::Own);
         tokio::pin!(answer);
         let resp = loop {
             if buf.capacity() == buf.len() && buf.len() < max_head {
@@ -320,13 +320,25 @@ where
     I: AsyncRead + AsyncWrite + Unpin,
 {
     let (parts, mut body) = resp.into_parts();
+    let lines = match &body {
+        Body::Page { head, .. } => head.clone(),
+        _ => bytes::Bytes::new(),
+    };
     let len = if body.is_end_stream() {
         None
     } else {
         Some(body.size_hint().exact())
     };
     out.clear();
-    let (framing, close) = encode_head(parts.status, &parts.headers, len, head, keep_alive, out);
+    let (framing, close) = encode_head(
+        parts.status,
+        &parts.headers,
+        &lines,
+        len,
+        head,
+        keep_alive,
+        out,
+    );
     drop(parts);
     let mut left = match framing {
         Framing::Length(0) => {
@@ -402,11 +414,13 @@ fn write_hex(out: &mut Vec<u8>, n: usize) {
     let _ = std::io::Write::write_fmt(out, format_args!("{n:x}\r\n"));
 }
 
-/// Encodes the status line and headers as hyper's server does (RFC 9112 §6):
-/// returns the body's framing and whether the connection closes after it.
+/// Encodes the status line and headers as hyper's server does (RFC 9112 §6), then
+/// `lines` (header lines encoded in advance, [`Body::Page`]): returns the body's
+/// framing and whether the connection closes after it.
 fn encode_head(
     status: StatusCode,
     headers: &HeaderMap,
+    lines: &[u8],
     len: Option<Option<u64>>,
     head: bool,
     keep_alive: bool,
@@ -479,6 +493,7 @@ fn encode_head(
         out.extend_from_slice(value.as_bytes());
         out.extend_from_slice(b"\r\n");
     }
+    out.extend_from_slice(lines);
     let framing = match framing {
         Some(f) => f,
         None => match len {
@@ -673,7 +688,7 @@ mod tests {
         }
         let mut out = Vec::new();
         let status = StatusCode::from_u16(status).expect("status");
-        let (framing, close) = encode_head(status, &map, len, head, keep_alive, &mut out);
+        let (framing, close) = encode_head(status, &map, b"", len, head, keep_alive, &mut out);
         (String::from_utf8(out).expect("ascii"), framing, close)
     }
 

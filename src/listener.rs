@@ -33,7 +33,7 @@ use crate::config::LimitsSpec;
 use crate::conn::{ClientIo, Deadlines, InFlight, Track, Verdict};
 use crate::headers::{Forwarded, TlsInfo};
 use crate::park::{Answer, Parkable};
-use crate::proxy::Proxy;
+use crate::proxy::{Proxy, Wire};
 
 /// Listen backlog (`net.core.somaxconn` caps it).
 pub const BACKLOG: i32 = 4096;
@@ -360,7 +360,12 @@ where
         async move {
             let mut request = request;
             let resp = proxy
-                .handle(req.map(ReqBody::Hyper), &fwd, Verdict::default())
+                .handle(
+                    req.map(ReqBody::Hyper),
+                    &fwd,
+                    Verdict::default(),
+                    Wire::Hyper,
+                )
                 .await;
             request.answered = true;
             Ok::<_, Infallible>(resp)
@@ -481,7 +486,9 @@ where
                     // In flight until hyper has written the answer's body, or until
                     // this future is dropped unanswered.
                     let request = request;
-                    let resp = proxy.handle(req.map(ReqBody::Hyper), &fwd, verdict).await;
+                    let resp = proxy
+                        .handle(req.map(ReqBody::Hyper), &fwd, verdict, Wire::Hyper)
+                        .await;
                     Ok::<_, Infallible>(resp.map(|body| Answer::new(body, request)))
                 }
             })

@@ -22,6 +22,7 @@ use http::{Response, StatusCode};
 use crate::body::Body;
 use crate::config::{Class, MaintenanceSpec};
 use crate::headers::{X_LAUNCHDAY_ERROR, X_SERVED_BY};
+use crate::proxy::Wire;
 
 /// Path of the first-party beacon, answered by every public listener.
 pub const BEACON_PATH: &str = "/.well-known/launchday/beacon";
@@ -57,9 +58,13 @@ pub struct MaintenancePage {
     variants: [[Variant; 3]; 2],
     retry_after: HeaderValue,
     /// `[class][encoding]`: the answer's headers for each shed reason, built once, so
-    /// that an answer costs one header-map clone rather than eight inserts.
-    headers: [[Vec<(&'static str, HeaderMap)>; 3]; 2],
+    /// that an answer costs one header-map clone rather than eight inserts; and the
+    /// same headers encoded for launchday's own HTTP/1.1 writer (no map at all).
+    headers: [[Vec<Prebuilt>; 3]; 2],
 }
+
+/// One shed reason's answer headers: as a map, and as encoded lines.
+type Prebuilt = (&'static str, HeaderMap, Bytes);
 
 /// Every shed reason (`pool::Shed::reason`), for the prebuilt headers.
 const REASONS: [&str; 5] = [
@@ -69,6 +74,22 @@ const REASONS: [&str; 5] = [
     "no_backend",
     "manual",
 ];
+
+/// `headers` as HTTP/1.1 header lines (lower-case names, each ending in CRLF),
+/// without `content-length`: [`crate::h1_server`] writes that from the body.
+fn encoded_lines(headers: &HeaderMap) -> Bytes {
+    let mut out = Vec::with_capacity(256);
+    for (name, value) in headers {
+        if name == header::CONTENT_LENGTH {
+            continue;
+        }
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    Bytes::from(out)
+}
 
 /// The headers of one variant's answer for `reason`.
 fn answer_headers(v: &Variant, retry_after: &HeaderValue, reason: &'static str) -> HeaderMap {
@@ -124,7 +145,11 @@ impl MaintenancePage {
             class.each_ref().map(|v| {
                 REASONS
                     .iter()
-                    .map(|r| (*r, answer_headers(v, &retry_after, r)))
+                    .map(|r| {
+                        let h = answer_headers(v, &retry_after, r);
+                        let lines = encoded_lines(&h);
+                        (*r, h, lines)
+                    })
                     .collect()
             })
         });
@@ -147,16 +172,27 @@ impl MaintenancePage {
         class: Class,
         accept_encoding: Option<&HeaderValue>,
         reason: &'static str,
+        wire: Wire,
     ) -> Response<Body> {
         let encoding = negotiate(accept_encoding);
         let v = &self.variants[class_index(class)][encoding as usize];
-        let mut resp = Response::new(Body::Full(Some(v.body.clone())));
-        *resp.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
         let prebuilt = &self.headers[class_index(class)][encoding as usize];
-        *resp.headers_mut() = match prebuilt.iter().find(|(r, _)| *r == reason) {
-            Some((_, h)) => h.clone(),
-            None => answer_headers(v, &self.retry_after, reason),
+        let found = prebuilt.iter().find(|(r, ..)| *r == reason);
+        let mut resp = match (wire, found) {
+            (Wire::Own, Some((_, _, lines))) => Response::new(Body::Page {
+                head: lines.clone(),
+                body: Some(v.body.clone()),
+            }),
+            (_, found) => {
+                let mut resp = Response::new(Body::Full(Some(v.body.clone())));
+                *resp.headers_mut() = match found {
+                    Some((_, h, _)) => h.clone(),
+                    None => answer_headers(v, &self.retry_after, reason),
+                };
+                resp
+            }
         };
+        *resp.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
         resp
     }
 }
@@ -291,7 +327,7 @@ mod tests {
     #[test]
     fn compressed_variants_decode_to_the_page() {
         let p = page();
-        let resp = p.response(Class::Read, Some(&hv("gzip")), "queue_full");
+        let resp = p.response(Class::Read, Some(&hv("gzip")), "queue_full", Wire::Hyper);
         assert_eq!(resp.headers()["content-encoding"], "gzip");
         let Body::Full(Some(gz)) = resp.into_body() else {
             panic!("full body")
@@ -301,7 +337,7 @@ mod tests {
             .read_to_string(&mut out)
             .expect("gunzip");
         assert_eq!(out.as_bytes(), &p.html(Class::Read)[..]);
-        let resp = p.response(Class::Write, Some(&hv("br")), "queue_full");
+        let resp = p.response(Class::Write, Some(&hv("br")), "queue_full", Wire::Hyper);
         let Body::Full(Some(br)) = resp.into_body() else {
             panic!("full body")
         };
@@ -314,7 +350,7 @@ mod tests {
 
     #[test]
     fn response_headers() {
-        let resp = page().response(Class::Read, None, "manual");
+        let resp = page().response(Class::Read, None, "manual", Wire::Hyper);
         assert_eq!(resp.status(), 503);
         let h = resp.headers();
         assert_eq!(h["retry-after"], "30");
@@ -324,6 +360,38 @@ mod tests {
         assert_eq!(h["x-served-by"], "launchday");
         assert_eq!(h["x-launchday-error"], "manual");
         assert!(h.get("content-encoding").is_none());
+    }
+
+    #[test]
+    fn the_own_writer_gets_the_same_headers_encoded_and_the_same_body() {
+        let p = page();
+        for (class, enc) in [(Class::Read, None), (Class::Write, Some(hv("gzip")))] {
+            for reason in REASONS {
+                let map = p.response(class, enc.as_ref(), reason, Wire::Hyper);
+                let own = p.response(class, enc.as_ref(), reason, Wire::Own);
+                assert_eq!(own.status(), 503);
+                assert!(own.headers().is_empty(), "no map for the own writer");
+                let (map_parts, Body::Full(Some(map_body))) = map.into_parts() else {
+                    panic!("full body")
+                };
+                let Body::Page {
+                    head,
+                    body: Some(body),
+                } = own.into_body()
+                else {
+                    panic!("page body")
+                };
+                assert_eq!(body, map_body);
+                let mut want = String::new();
+                for (n, v) in &map_parts.headers {
+                    if n != header::CONTENT_LENGTH {
+                        want.push_str(&format!("{n}: {}\r\n", v.to_str().expect("ascii")));
+                    }
+                }
+                assert_eq!(String::from_utf8_lossy(&head), want);
+                assert!(want.contains(&format!("x-launchday-error: {reason}\r\n")));
+            }
+        }
     }
 
     #[test]

@@ -225,7 +225,7 @@ impl Proxy {
     }
 
     /// Handles one request from a client. `verdict`: what the raw scan of its head
-    /// found (HTTP/1; default for HTTP/2).
+    /// found (HTTP/1; default for HTTP/2). `wire`: who writes the answer.
     ///
     /// Not an `async fn`: the block uses its arguments where it captured them (an
     /// `async fn` keeps a second copy of them in its future, and every client
@@ -237,6 +237,7 @@ impl Proxy {
         mut req: Request<ReqBody>,
         fwd: &'a Forwarded,
         verdict: Verdict,
+        wire: Wire,
     ) -> impl std::future::Future<Output = Response<Body>> + Send + 'a {
         async move {
             let live = self.live.load_full();
@@ -256,7 +257,7 @@ impl Proxy {
                 .and_then(|()| tunnel::requested(&mut req, fwd));
             let mut resp = match checked {
                 Ok(upgrade) => {
-                    self.respond(&live, listener, req, fwd, upgrade, &mut facts)
+                    self.respond(&live, listener, req, fwd, upgrade, wire, &mut facts)
                         .await
                 }
                 Err(reject) => {
@@ -281,6 +282,8 @@ impl Proxy {
         }
     }
 
+    // The request's context, all borrowed from `handle`; a struct would only rename it.
+    #[allow(clippy::too_many_arguments)]
     async fn respond(
         &self,
         live: &Live,
@@ -288,6 +291,7 @@ impl Proxy {
         req: Request<ReqBody>,
         fwd: &Forwarded,
         upgrade: Option<Upgrade>,
+        wire: Wire,
         facts: &mut Facts,
     ) -> Response<Body> {
         if req.uri().path() == BEACON_PATH {
@@ -399,6 +403,7 @@ impl Proxy {
                     class,
                     parts.headers.get(header::ACCEPT_ENCODING),
                     shed.reason(),
+                    wire,
                 );
                 if !http_body::Body::is_end_stream(&body) {
                     // The unread body must never be parsed as a next request: close.
@@ -414,6 +419,16 @@ impl Proxy {
         pool.metrics.duration.observe(start.elapsed().as_secs_f64());
         resp
     }
+}
+
+/// Who writes an answer to the client: hyper (HTTP/2, and HTTP/1.1 requests hyper
+/// serves), which needs every header in the answer's `HeaderMap`, or launchday's own
+/// HTTP/1.1 writer ([`crate::h1_server`]), which also takes header lines encoded in
+/// advance ([`Body::Page`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wire {
+    Hyper,
+    Own,
 }
 
 /// What an access-log line needs from the request, taken before it is consumed
