@@ -386,7 +386,7 @@ pub fn has_token(value: &HeaderValue, token: &[u8]) -> bool {
 }
 
 /// A Content-Length value: 1 to 19 digits.
-fn parse_length(s: &[u8]) -> Option<u64> {
+pub(crate) fn parse_length(s: &[u8]) -> Option<u64> {
     if s.is_empty() || s.len() > 19 || !s.iter().all(u8::is_ascii_digit) {
         return None;
     }
