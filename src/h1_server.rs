@@ -37,7 +37,7 @@
 //!   request's head is dropped, the write buffer is reused, and a maintenance page's
 //!   header lines come encoded ([`Body::Page`]).
 
-use std::future::poll_fn;
+use std::future::{poll_fn, Future};
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -166,7 +166,7 @@ where
         let head = req.method() == Method::HEAD;
         let verdict = track.begin();
         let in_flight = InFlight(Arc::clone(&track));
-        let answer = proxy.handle(req, fwd, verdict, Wire::Own);
+        let answer = Answer::new(proxy.handle(req, fwd, verdict, Wire::Own));
         tokio::pin!(answer);
         let resp = loop {
             if buf.capacity() == buf.len() && buf.len() < max_head {
@@ -193,6 +193,39 @@ where
         }
         if !buf.is_empty() {
             track.rescan(&buf);
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The handler's future: in the connection's task, or under fair scheduling in
+    /// an allocation of its own, which is warm (the block the previous answer freed)
+    /// where the connection's task is cold by its next turn
+    /// ([`crate::sched::boxes_answers`]).
+    #[project = AnswerProj]
+    enum Answer<F> {
+        Inline { #[pin] fut: F },
+        Boxed { fut: Pin<Box<F>> },
+    }
+}
+
+impl<F: Future> Answer<F> {
+    fn new(fut: F) -> Self {
+        if crate::sched::boxes_answers() {
+            Answer::Boxed { fut: Box::pin(fut) }
+        } else {
+            Answer::Inline { fut }
+        }
+    }
+}
+
+impl<F: Future> Future for Answer<F> {
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<F::Output> {
+        match self.project() {
+            AnswerProj::Inline { fut } => fut.poll(cx),
+            AnswerProj::Boxed { fut } => fut.as_mut().poll(cx),
         }
     }
 }
@@ -553,6 +586,39 @@ fn date(out: &mut Vec<u8>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Both homes of the handler's future run it to the same end, including across
+    /// a pending poll (the future is not moved once pinned, boxed or not).
+    #[tokio::test]
+    async fn answer_inline_and_boxed_run_the_same_future() {
+        for boxed in [false, true] {
+            let (tx, rx) = tokio::sync::oneshot::channel::<u32>();
+            let fut = async move { rx.await.map(|n| n * 2) };
+            let answer = if boxed {
+                Answer::Boxed { fut: Box::pin(fut) }
+            } else {
+                Answer::Inline { fut }
+            };
+            tokio::pin!(answer);
+            assert!(
+                futures_poll_once(answer.as_mut()).await.is_none(),
+                "boxed={boxed}"
+            );
+            tx.send(21).expect("send");
+            assert_eq!(answer.await.ok(), Some(42), "boxed={boxed}");
+        }
+    }
+
+    async fn futures_poll_once<F: Future + Unpin>(f: F) -> Option<F::Output> {
+        let mut f = f;
+        poll_fn(|cx| {
+            Poll::Ready(match Pin::new(&mut f).poll(cx) {
+                Poll::Ready(v) => Some(v),
+                Poll::Pending => None,
+            })
+        })
+        .await
+    }
 
     fn parsed(bytes: &[u8]) -> (Parsed, BytesMut) {
         let mut buf = BytesMut::from(bytes);

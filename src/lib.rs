@@ -26,6 +26,7 @@ pub mod proxy;
 pub mod proxy_protocol;
 pub mod reload;
 pub mod route;
+pub mod sched;
 pub mod server;
 pub mod status;
 pub mod strict;

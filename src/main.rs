@@ -8,6 +8,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use launchday::config::{self, Snapshot};
+use launchday::sched::Scheduling;
 use launchday::server::Server;
 use tokio::signal::unix::{signal, SignalKind};
 
@@ -89,16 +90,11 @@ fn check(path: &Path) -> ExitCode {
     }
 }
 
-/// One multi-thread runtime with `threads` workers. A current-thread runtime serves
-/// 1000 connections more fairly but with about a quarter less throughput on one core
-/// (BENCHMARKS.md, "Scheduler at 256 and 1000 connections"), and this one also scales
-/// to more cores without a listener per core.
-fn runtime(threads: usize) -> anyhow::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(threads.max(1))
-        .enable_all()
-        .build()
-        .context("starting the runtime")
+/// One multi-thread runtime with `threads` workers and the config's scheduling
+/// policy (`launchday::sched`: tokio's default, or fair rounds for a bounded tail at
+/// many busy connections; BENCHMARKS.md, "Scheduling").
+fn runtime(threads: usize, scheduling: Scheduling) -> anyhow::Result<tokio::runtime::Runtime> {
+    launchday::sched::runtime(threads, scheduling).context("starting the runtime")
 }
 
 fn load(path: &Path) -> anyhow::Result<Snapshot> {
@@ -124,12 +120,16 @@ fn run(path: &Path, upgrade: bool) -> anyhow::Result<()> {
     } else {
         None
     };
-    runtime(snapshot.threads)?.block_on(serve(snapshot, Some(path.to_path_buf()), handover))
+    runtime(snapshot.threads, snapshot.scheduling)?.block_on(serve(
+        snapshot,
+        Some(path.to_path_buf()),
+        handover,
+    ))
 }
 
 fn demo(port: u16, admin_port: u16) -> anyhow::Result<()> {
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    runtime(threads)?.block_on(async move {
+    runtime(threads, Scheduling::default())?.block_on(async move {
         let any = "[::1]:0".parse().context("address")?;
         let mut addrs = Vec::new();
         for b in launchday::demo::backends() {

@@ -356,6 +356,16 @@ impl Server {
             &self.admin.lock(),
             &mut Inherited::new(),
         )?;
+        let running = &self.proxy.live().snapshot;
+        if running.threads != snapshot.threads || running.scheduling != snapshot.scheduling {
+            // The runtime is built once (crate::sched): these wait for a restart or
+            // `run --upgrade`; everything else in the snapshot applies now.
+            tracing::warn!(
+                threads = snapshot.threads,
+                scheduling = ?snapshot.scheduling,
+                "threads and scheduling apply at the next start (or `run --upgrade`), not on reload"
+            );
+        }
         let snapshot = Arc::new(snapshot);
         self.proxy.apply(Arc::clone(&snapshot));
         self.switch_listeners(&snapshot, public, admin).await

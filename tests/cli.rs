@@ -200,3 +200,81 @@ async fn run_proxies_reloads_on_sighup_and_exits_0_on_sigterm() {
     assert!(TcpStream::connect(v4).await.is_err());
     assert!(TcpStream::connect(admin).await.is_err());
 }
+
+/// `scheduling = "fair"` (the runtime built with fair rounds, each answer's handler
+/// future in its own allocation): 40 keep-alive clients at once are all served, on
+/// the own HTTP/1.1 loop, and a reload that changes the policy applies the rest of
+/// the file while saying that the policy waits for a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fair_scheduling_serves_concurrent_clients_and_reload_keeps_the_policy() {
+    let web = Backend::start("web").await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("launchday.toml");
+    let (v4, v6, admin) = (
+        free_addr("127.0.0.1"),
+        free_addr("[::1]"),
+        free_addr("127.0.0.1"),
+    );
+    let config = |policy: &str, label: &str| {
+        format!(
+            "scheduling = \"{policy}\"\n{}",
+            cli_config(v4, v6, admin, &web, label)
+        )
+    };
+    std::fs::write(&path, config("fair", "one")).expect("write config");
+    let mut run = spawn_run(&path, &dir.path().join("stderr.log"));
+    for addr in [v4, v6, admin] {
+        wait_listening(&mut run, addr).await;
+    }
+
+    let mut clients = Vec::new();
+    for i in 0..40 {
+        let front = if i % 2 == 0 { v4 } else { v6 };
+        clients.push(tokio::spawn(async move {
+            let mut c = Client::connect(front).await;
+            let mut served = 0;
+            for n in 0..5 {
+                let r = c.get(&format!("/c{i}/r{n}")).await;
+                assert_eq!(r.status, StatusCode::OK);
+                assert_eq!(r.text(), "served by web\n");
+                served += 1;
+            }
+            served
+        }));
+    }
+    let mut total = 0;
+    for c in clients {
+        total += tokio::time::timeout(Duration::from_secs(10), c)
+            .await
+            .expect("clients done within 10 s")
+            .expect("client task");
+    }
+    assert_eq!(total, 200);
+    assert_eq!(web.count(), 200);
+
+    // A reload to the default policy: the label (the rest of the file) applies, the
+    // policy does not, and the log says so.
+    std::fs::write(&path, config("throughput", "two")).expect("rewrite config");
+    run.signal("HUP");
+    let mut c = Client::connect(v4).await;
+    let start = Instant::now();
+    while c.get("/after").await.header("x-served-by").as_deref() != Some("two") {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "SIGHUP did not reload:\n{}",
+            run.log()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(
+        run.log().contains("apply at the next start"),
+        "no warning about the policy:\n{}",
+        run.log()
+    );
+
+    run.signal("TERM");
+    let status = run
+        .wait_exit(Duration::from_secs(5))
+        .unwrap_or_else(|| panic!("no exit 5 s after SIGTERM:\n{}", run.log()));
+    assert_eq!(status.code(), Some(0), "{status}:\n{}", run.log());
+}

@@ -24,6 +24,10 @@ pub struct RootConfig {
     /// `threads`: runtime worker threads, at least 1. Default
     /// `std::thread::available_parallelism()`.
     pub threads: Option<i64>,
+    /// `scheduling`: `"throughput"` or `"fair"`, how the runtime takes turns between
+    /// ready connections (see [`crate::sched`]); read at start only. Default
+    /// `"throughput"`.
+    pub scheduling: Option<String>,
     /// `allow_ipv4_backends`: permit back ends with IPv4 addresses. Default `false`.
     pub allow_ipv4_backends: Option<bool>,
     /// `upgrade_socket`: Unix socket path on which a running instance hands its

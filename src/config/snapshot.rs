@@ -24,6 +24,9 @@ pub struct Snapshot {
     pub shutdown_grace: Duration,
     /// Worker threads of the runtime (`threads`, default `available_parallelism()`).
     pub threads: usize,
+    /// The runtime's scheduling policy (`scheduling`, default throughput); only the
+    /// value at start counts.
+    pub scheduling: crate::sched::Scheduling,
     /// Whether back ends may have IPv4 addresses.
     pub allow_ipv4_backends: bool,
     /// Unix socket for zero-downtime binary upgrades.

@@ -8,6 +8,8 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use crate::sched::Scheduling;
+
 use super::fields::{self, Errors, Zero};
 use super::model::{LimitsConfig, MaintenanceConfig, PoolConfig, RootConfig, RouteConfig};
 use super::{
@@ -44,6 +46,16 @@ pub fn validate(
     let threads = match raw.threads {
         Some(n) => fields::int_in(e, "threads", n, 1, MAX_THREADS, None).unwrap_or(1),
         None => std::thread::available_parallelism().map_or(1, usize::from),
+    };
+    let scheduling = match raw.scheduling.as_deref() {
+        None => Scheduling::default(),
+        Some(text) => Scheduling::parse(text).unwrap_or_else(|| {
+            e.push(
+                ConfigError::new("scheduling", format!("unknown policy {text:?}"))
+                    .with_hint("use \"throughput\" (the default) or \"fair\""),
+            );
+            Scheduling::default()
+        }),
     };
     let allow_ipv4_backends = raw.allow_ipv4_backends.unwrap_or(false);
     let upgrade_socket = match raw.upgrade_socket.as_deref() {
@@ -86,6 +98,7 @@ pub fn validate(
         source,
         shutdown_grace,
         threads,
+        scheduling,
         allow_ipv4_backends,
         upgrade_socket,
         trusted_proxies,
@@ -417,15 +430,17 @@ mod tests {
         assert_eq!(s.maintenance.analytics, "");
         assert_eq!(s.limits.header_timeout, Duration::from_secs(10));
         assert_eq!(s.limits.idle_timeout, Duration::from_secs(60));
+        assert_eq!(s.scheduling, Scheduling::Throughput);
     }
 
     #[test]
     fn top_level_values_are_parsed() {
-        let top = "shutdown_grace = \"1m 30s\"\nthreads = 3\nallow_ipv4_backends = true\n\
+        let top = "shutdown_grace = \"1m 30s\"\nthreads = 3\nscheduling = \"fair\"\nallow_ipv4_backends = true\n\
                    trusted_proxies = [\"10.1.2.3/8\", \"2001:db8::1\"]\n";
         let s = valid(&format!("{top}{LISTENER}{ROUTE}{POOL}"));
         assert_eq!(s.shutdown_grace, Duration::from_secs(90));
         assert_eq!(s.threads, 3);
+        assert_eq!(s.scheduling, Scheduling::Fair);
         assert!(s.allow_ipv4_backends);
         let proxies: Vec<String> = s.trusted_proxies.iter().map(ToString::to_string).collect();
         assert_eq!(proxies, ["10.0.0.0/8", "2001:db8::1/128"]);
@@ -433,12 +448,13 @@ mod tests {
 
     #[test]
     fn bad_top_level_values_are_reported_at_their_keys() {
-        let top = "shutdown_grace = \"soon\"\nthreads = 0\ntrusted_proxies = [\"::1\", \"10.0.0.0/33\"]\n";
+        let top = "shutdown_grace = \"soon\"\nthreads = 0\nscheduling = \"fifo\"\ntrusted_proxies = [\"::1\", \"10.0.0.0/33\"]\n";
         assert_eq!(
             errors(&format!("{top}{LISTENER}{ROUTE}{POOL}")),
             [
                 "shutdown_grace: \"soon\" is not a duration (use e.g. \"2s\", \"500ms\")",
                 "threads: 0 is less than 1",
+                "scheduling: unknown policy \"fifo\" (use \"throughput\" (the default) or \"fair\")",
                 "trusted_proxies[1]: \"10.0.0.0/33\" is not an IP network (use a CIDR such as \
                  \"2001:db8::/32\" or a bare IP such as \"10.0.0.1\")",
             ]
