@@ -130,9 +130,10 @@ where
             buf.reserve(READ_CHUNK);
             let park = loop {
                 let at = if I::PARKS { track.park_at() } else { None };
-                // Busy: look again later (the timer is moved, not re-registered).
+                // Busy: look again later. Deadlines only move later, so the timer is
+                // moved only once it has fired (early, then): not once per request.
                 let at = at.unwrap_or_else(|| Instant::now() + track.park_after());
-                if I::PARKS && look.deadline() != at {
+                if I::PARKS && look.is_elapsed() && look.deadline() != at {
                     look.as_mut().reset(at);
                 }
                 tokio::select! {
