@@ -75,6 +75,26 @@ fn spawn_run(config: &Path, log: &Path) -> Running {
     }
 }
 
+/// Free addresses for a public listener on IPv4 and IPv6 and for the admin listener.
+fn free_fronts() -> (SocketAddr, SocketAddr, SocketAddr) {
+    (
+        free_addr("127.0.0.1"),
+        free_addr("[::1]"),
+        free_addr("127.0.0.1"),
+    )
+}
+
+/// Writes `config` to `path`, runs `launchday run -c path` (its stderr beside the
+/// file) and waits until each of `addrs` accepts connections.
+async fn start(path: &Path, config: &str, addrs: [SocketAddr; 3]) -> Running {
+    std::fs::write(path, config).expect("write config");
+    let mut run = spawn_run(path, &path.with_file_name("stderr.log"));
+    for addr in addrs {
+        wait_listening(&mut run, addr).await;
+    }
+    run
+}
+
 /// Waits (bounded) until `addr` accepts connections.
 async fn wait_listening(run: &mut Running, addr: SocketAddr) {
     let start = Instant::now();
@@ -140,16 +160,13 @@ async fn run_proxies_reloads_on_sighup_and_exits_0_on_sigterm() {
     let web = Backend::start("web").await;
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("launchday.toml");
-    let (v4, v6, admin) = (
-        free_addr("127.0.0.1"),
-        free_addr("[::1]"),
-        free_addr("127.0.0.1"),
-    );
-    std::fs::write(&path, cli_config(v4, v6, admin, &web, "one")).expect("write config");
-    let mut run = spawn_run(&path, &dir.path().join("stderr.log"));
-    for addr in [v4, v6, admin] {
-        wait_listening(&mut run, addr).await;
-    }
+    let (v4, v6, admin) = free_fronts();
+    let mut run = start(
+        &path,
+        &cli_config(v4, v6, admin, &web, "one"),
+        [v4, v6, admin],
+    )
+    .await;
 
     for front in [v4, v6] {
         let r = common::get(front, "/hello").await;
@@ -210,22 +227,14 @@ async fn fair_scheduling_serves_concurrent_clients_and_reload_keeps_the_policy()
     let web = Backend::start("web").await;
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("launchday.toml");
-    let (v4, v6, admin) = (
-        free_addr("127.0.0.1"),
-        free_addr("[::1]"),
-        free_addr("127.0.0.1"),
-    );
+    let (v4, v6, admin) = free_fronts();
     let config = |policy: &str, label: &str| {
         format!(
             "scheduling = \"{policy}\"\n{}",
             cli_config(v4, v6, admin, &web, label)
         )
     };
-    std::fs::write(&path, config("fair", "one")).expect("write config");
-    let mut run = spawn_run(&path, &dir.path().join("stderr.log"));
-    for addr in [v4, v6, admin] {
-        wait_listening(&mut run, addr).await;
-    }
+    let mut run = start(&path, &config("fair", "one"), [v4, v6, admin]).await;
 
     let mut clients = Vec::new();
     for i in 0..40 {
