@@ -64,7 +64,7 @@ pub fn boxes_answers() -> bool {
 
 /// The builder of the process's runtime: multi-thread with `threads` workers and
 /// the given policy.
-pub fn builder(threads: usize, scheduling: Scheduling) -> tokio::runtime::Builder {
+fn builder(threads: usize, scheduling: Scheduling) -> tokio::runtime::Builder {
     let mut b = tokio::runtime::Builder::new_multi_thread();
     b.worker_threads(threads.max(1)).enable_all();
     if scheduling == Scheduling::Fair {
