@@ -32,10 +32,11 @@
 //!   a connection is not told to stop before its first request (the head deadline
 //!   bounds it). An idle plain connection parks after [`crate::park::PARK_AFTER`]
 //!   and gives its buffers back.
-//! - **Only the request's header map is allocated per request by this loop** in
-//!   steady state (2 allocations; an `http::Request` owns one). The read buffer is reclaimed once the
-//!   request's head is dropped, the write buffer is reused, and a maintenance page's
-//!   header lines come encoded ([`Body::Page`]).
+//! - **Nothing is allocated per request by this loop** in steady state. The
+//!   request's header map comes from this worker's reused maps ([`crate::recycle`])
+//!   and the answer's goes back to them once encoded; the read buffer is reclaimed
+//!   once the request's head is dropped, the write buffer is reused, and a
+//!   maintenance page's header lines come encoded ([`Body::Page`]).
 
 use std::future::{poll_fn, Future};
 use std::io;
@@ -298,7 +299,7 @@ fn parse(buf: &mut BytesMut, max_head: usize, max_fields: usize) -> Parsed {
         _ => return Parsed::Other,
     };
     let head = buf.split_to(len).freeze();
-    let mut headers = HeaderMap::with_capacity(n);
+    let mut headers = crate::recycle::take(n);
     for &[n0, n1, v0, v1] in &at[..n] {
         let (Ok(name), Ok(value)) = (
             HeaderName::from_bytes(&head[n0 as usize..n1 as usize]),
@@ -367,7 +368,7 @@ where
         keep_alive,
         out,
     );
-    drop(parts);
+    crate::recycle::give(parts.headers);
     let mut left = match framing {
         Framing::Length(0) => {
             flush(io, out).await?;

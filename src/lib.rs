@@ -24,6 +24,7 @@ pub mod park;
 pub mod pool;
 pub mod proxy;
 pub mod proxy_protocol;
+pub mod recycle;
 pub mod reload;
 pub mod route;
 pub mod sched;

@@ -28,6 +28,7 @@ use crate::headers::{self, Forwarded, X_LAUNCHDAY_ERROR, X_SERVED_BY};
 use crate::maintenance::{MaintenancePage, BEACON_PATH};
 use crate::metrics::{CodeCounters, Metrics};
 use crate::pool::Pool;
+use crate::recycle;
 use crate::route::{strip_port, Router};
 use crate::strict::{self, Reject};
 use crate::tls::certs;
@@ -288,7 +289,7 @@ impl Proxy {
         &self,
         live: &Live,
         listener: Option<&ListenerSpec>,
-        req: Request<ReqBody>,
+        mut req: Request<ReqBody>,
         fwd: &Forwarded,
         upgrade: Option<Upgrade>,
         wire: Wire,
@@ -296,6 +297,7 @@ impl Proxy {
     ) -> Response<Body> {
         if req.uri().path() == BEACON_PATH {
             self.metrics.beacon();
+            recycle::give(std::mem::take(req.headers_mut()));
             return beacon();
         }
         let host = request_host(&req);
@@ -331,6 +333,7 @@ impl Proxy {
                     Some(pool) => pool.metrics.local.inc(hit.response.status()),
                     None => self.unrouted.inc(hit.response.status()),
                 }
+                recycle::give(std::mem::take(req.headers_mut()));
                 return hit.response;
             }
         }
@@ -405,6 +408,7 @@ impl Proxy {
                     shed.reason(),
                     wire,
                 );
+                recycle::give(parts.headers);
                 if !http_body::Body::is_end_stream(&body) {
                     // The unread body must never be parsed as a next request: close.
                     resp.headers_mut()

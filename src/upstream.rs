@@ -596,7 +596,7 @@ impl Upstream {
     /// The fast path of [`Upstream::send`]: same contract.
     async fn send_raw<H: Send + 'static>(
         self: &Arc<Self>,
-        req: Request<Body>,
+        mut req: Request<Body>,
         timeouts: UpstreamTimeouts,
         hold: H,
     ) -> Result<(Response<UpBody>, H), (Failed, H)> {
@@ -645,6 +645,8 @@ impl Upstream {
                     };
                     let resp = head.into_response(conn, Arc::clone(self));
                     let hold = guard.take_hold();
+                    // The request left whole: its header map serves a next one.
+                    crate::recycle::give(std::mem::take(req.headers_mut()));
                     return Ok((resp.map(UpBody::Raw), hold));
                 }
                 Err(source) => {

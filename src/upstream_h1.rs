@@ -40,7 +40,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::{Buf, Bytes, BytesMut};
-use http::{header, HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, Version};
+use http::{header, HeaderName, HeaderValue, Request, Response, StatusCode, Version};
 use http_body::{Frame, SizeHint};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -308,7 +308,7 @@ fn build(
     minor: u8,
     head_request: bool,
 ) -> Result<Head, ExchangeError> {
-    let mut headers = HeaderMap::with_capacity(spans.len());
+    let mut headers = crate::recycle::take(spans.len());
     let mut chunked: Option<bool> = None;
     let mut length: Option<u64> = None;
     let mut close = false;
