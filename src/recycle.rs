@@ -62,8 +62,9 @@ pub fn give(mut map: HeaderMap) {
     });
 }
 
-/// Maps this thread keeps now (for tests).
-pub fn kept() -> usize {
+/// Maps this thread keeps now.
+#[cfg(test)]
+fn kept() -> usize {
     SPARE.with(|s| s.borrow().len())
 }
 
