@@ -106,6 +106,10 @@ struct State {
     /// The connection is being parked: hyper was told to stop at an idle point, and
     /// its shutdown of the stream must not reach the socket ([`crate::park`]).
     parking: bool,
+    /// Heads are scanned as they are read. Off while launchday's own HTTP/1.1 loop
+    /// serves the connection: it parses every head itself (and scans one it hands
+    /// to hyper first, [`Track::scan_head`]).
+    scanning: bool,
 }
 
 /// The limits a connection enforces (from the snapshot it was accepted under).
@@ -167,6 +171,7 @@ impl Track {
                 reader: None,
                 tunnel_open: false,
                 parking: false,
+                scanning: true,
             }),
             deadlines,
             tunnel_closed: tokio::sync::Notify::new(),
@@ -282,6 +287,27 @@ impl Track {
         self.on_read(data);
     }
 
+    /// Whether heads are scanned as they are read (see `State::scanning`). Reads
+    /// still start the head phase and its deadline either way.
+    pub(crate) fn set_scanning(&self, on: bool) {
+        self.state.lock().scanning = on;
+    }
+
+    /// Scans `head`, the bytes of the current head read so far (read while
+    /// scanning was off), from its start: the verdict and phase are then what
+    /// scanning them as they were read would have given.
+    pub(crate) fn scan_head(&self, head: &[u8]) {
+        let mut s = self.state.lock();
+        if s.phase != Phase::Head {
+            return;
+        }
+        s.scan = Scanner::default();
+        if let Some(verdict) = s.scan.feed(head) {
+            s.verdict = verdict;
+            s.phase = Phase::Request;
+        }
+    }
+
     fn on_read(&self, data: &[u8]) {
         let mut s = self.state.lock();
         if s.phase == Phase::Tunnel {
@@ -296,6 +322,9 @@ impl Track {
             s.since = Instant::now();
             s.wrote_in_head = false;
             s.scan = Scanner::default();
+        }
+        if !s.scanning {
+            return;
         }
         if let Some(verdict) = s.scan.feed(data) {
             s.verdict = verdict;
@@ -824,6 +853,49 @@ mod tests {
         closed.await.expect("join");
         track.tunnel_closed().await;
         Track::new(deadlines(1, 5)).tunnel_closed().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn with_scanning_off_reads_start_the_head_and_a_handed_over_head_is_scanned_whole() {
+        let (mut client, server) = tokio::io::duplex(1024);
+        let track = Track::new(deadlines(10, 60));
+        let mut io = ClientIo::new(server, Arc::clone(&track));
+        track.set_scanning(false);
+        let mut buf = [0u8; 128];
+        // The first bytes start the head phase (and its deadline) as before.
+        client
+            .write_all(b"POST / HTTP/1.1\r\n")
+            .await
+            .expect("write");
+        let a = io.read(&mut buf).await.expect("read");
+        assert_eq!(track.waiting_deadline(), None);
+        assert_eq!(track.park_at(), None);
+        // The head's end is not looked for while the own loop parses heads.
+        client
+            .write_all(b"Content-Length: 3\r\n\r\n")
+            .await
+            .expect("write");
+        let b = io.read(&mut buf[a..]).await.expect("read");
+        // Handed to hyper: the bytes read so far are scanned from their start, once.
+        track.set_scanning(true);
+        track.scan_head(&buf[..a + b]);
+        track.scan_head(&buf[..a + b]);
+        let verdict = track.begin();
+        assert!(verdict.content_length);
+        assert!(!verdict.transfer_encoding);
+        // A head that reached the service is not scanned again.
+        track.end();
+        track.scan_head(b"GET / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n");
+        assert_eq!(track.begin(), Verdict::default());
+        track.end();
+        // Without the handover, a whole head read with scanning off is not scanned.
+        track.set_scanning(false);
+        client
+            .write_all(b"GET / HTTP/1.1\r\nContent-Length: 0\r\n\r\n")
+            .await
+            .expect("write");
+        assert!(io.read(&mut buf).await.expect("read") > 0);
+        assert_eq!(track.begin(), Verdict::default());
     }
 
     #[tokio::test(start_paused = true)]

@@ -23,7 +23,9 @@
 //!   close. A body that ends early or fails closes the connection (the client sees
 //!   a short answer, never a wrong next one).
 //! - **Same connection rules.** Every byte goes through [`ClientIo`], so the header
-//!   and idle deadlines, the `408` and the head scan apply unchanged. A request is in
+//!   and idle deadlines and the `408` apply unchanged. The raw head scan is off
+//!   while this loop parses the heads itself (httparse finds their end); a head it
+//!   hands to hyper is scanned whole first, so hyper's path sees the same verdict. A request is in
 //!   flight (for parking and shutdown) from its head until its answer is written.
 //!   Bytes of a next request that arrived meanwhile are scanned afterwards
 //!   (`Track::rescan`). A client that closes while its request waits (say in a
@@ -96,6 +98,8 @@ where
     I: AsyncRead + AsyncWrite + Parkable + Unpin,
 {
     let track = Arc::clone(io.track());
+    // This loop parses every head itself; one it hands to hyper is scanned then.
+    track.set_scanning(false);
     let max_head = limits.max_header_bytes;
     // More fields than either limit: hyper's (it answers 431 above `max_headers`).
     let max_fields = limits.max_headers.min(MAX_FIELDS);
@@ -114,6 +118,8 @@ where
                 match parse(&mut buf, max_head, max_fields) {
                     Parsed::Simple(req) => break req,
                     Parsed::Other => {
+                        track.set_scanning(true);
+                        track.scan_head(&buf);
                         io.give_back(buf.freeze());
                         return Ok(Exit::Handoff);
                     }
