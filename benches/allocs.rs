@@ -31,8 +31,12 @@ fn main() {
     rt.block_on(async {
         let origin = alloc_count::origin().await;
         for (name, toml) in alloc_count::configs(origin) {
-            let (per, bytes) = alloc_count::measure(GLOBAL, &toml, WARMUP, MEASURED).await;
-            println!("{name:<22} {per:>7.2} allocations/request  {bytes:>8.0} bytes/request");
+            for (head, req) in [("short", alloc_count::SHORT), ("browser", alloc_count::BROWSER)] {
+                let (per, bytes) = alloc_count::measure(GLOBAL, &toml, req, WARMUP, MEASURED).await;
+                println!(
+                    "{name:<18} {head:<8} head {per:>7.2} allocations/request  {bytes:>8.0} bytes/request"
+                );
+            }
         }
     });
 }

@@ -48,7 +48,7 @@ use std::task::Poll;
 use std::time::SystemTime;
 
 use bytes::{BufMut, BytesMut};
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Body as _;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -306,14 +306,20 @@ fn parse(buf: &mut BytesMut, max_head: usize, max_fields: usize) -> Parsed {
     };
     let head = buf.split_to(len).freeze();
     let mut headers = crate::recycle::take(n);
-    for &[n0, n1, v0, v1] in &at[..n] {
-        let (Ok(name), Ok(value)) = (
-            HeaderName::from_bytes(&head[n0 as usize..n1 as usize]),
-            HeaderValue::from_maybe_shared(head.slice(v0 as usize..v1 as usize)),
-        ) else {
-            return give_up(buf, &head);
-        };
-        headers.append(name, value);
+    let whole = crate::recycle::with_names(|names| {
+        for &[n0, n1, v0, v1] in &at[..n] {
+            let (Ok(name), Ok(value)) = (
+                names.name(&head[n0 as usize..n1 as usize]),
+                HeaderValue::from_maybe_shared(head.slice(v0 as usize..v1 as usize)),
+            ) else {
+                return false;
+            };
+            headers.append(name, value);
+        }
+        true
+    });
+    if !whole {
+        return give_up(buf, &head);
     }
     let Ok(uri) = Uri::from_maybe_shared(head.slice(target.0 as usize..target.1 as usize)) else {
         return give_up(buf, &head);
@@ -737,7 +743,7 @@ mod tests {
         let mut map = HeaderMap::new();
         for (n, v) in headers {
             map.append(
-                HeaderName::from_bytes(n.as_bytes()).expect("name"),
+                http::header::HeaderName::from_bytes(n.as_bytes()).expect("name"),
                 HeaderValue::from_str(v).expect("value"),
             );
         }

@@ -1,5 +1,5 @@
-//! Header maps reused per worker thread, so that a request answered from memory
-//! allocates nothing.
+//! Header maps and header names reused per worker thread, so that a request
+//! answered from memory allocates nothing.
 //!
 //! A `HeaderMap` costs two allocations (its index table and its entries). The own
 //! HTTP/1.1 loop ([`crate::h1_server`]) needs one per request, an answer that is not
@@ -18,9 +18,21 @@
 //! - **Only a cache.** [`take`] on an empty stack allocates as before; a map given
 //!   on one thread and taken on another is still one whole map. Nothing depends on
 //!   a map coming back.
+//!
+//! Header names ([`Names`]): `HeaderName::from_bytes` allocates a copy of every name
+//! the `http` crate has no constant for, and browsers send eight or so of those on
+//! every request (`sec-ch-ua*`, `sec-fetch-*`, `priority`). Each worker keeps the
+//! names it met in [`NAME_SLOTS`] slots, by a hash of their bytes (a name may take
+//! one of the few slots after its own), and a name equal (ignoring case) to one
+//! kept is that name's clone, which shares its bytes.
+//! - **Same names.** A slot holds a name `from_bytes` made; a hit is only taken
+//!   when the bytes equal it ignoring ASCII case, which is what `from_bytes` would
+//!   have lowercased them to. Anything else goes to `from_bytes`, and errors are its.
+//! - **Bounded.** A fixed number of slots; a new name replaces the one in its slot.
 
 use std::cell::RefCell;
 
+use http::header::{HeaderName, InvalidHeaderName};
 use http::HeaderMap;
 
 /// Maps kept per thread: more than the requests one worker has between taking a
@@ -29,8 +41,111 @@ pub const KEEP: usize = 16;
 /// A map that can hold more fields than this is not kept.
 pub const MAX_CAPACITY: usize = 96;
 
+/// Header names kept per worker: far more than the distinct names of browsers'
+/// requests and back ends' answers (20 to 40).
+pub const NAME_SLOTS: usize = 256;
+/// A name is looked for in its slot and the next ones, up to this many.
+const NAME_WAYS: usize = 4;
+
 thread_local! {
     static SPARE: RefCell<Vec<HeaderMap>> = const { RefCell::new(Vec::new()) };
+    static NAMES: RefCell<Names> = RefCell::new(Names::new());
+}
+
+/// The header names a worker met (see the module's doc).
+pub struct Names {
+    slots: Vec<Option<Known>>,
+}
+
+/// A name in its slot, with its folded bytes for a quick comparison.
+struct Known {
+    folded: Folded,
+    name: HeaderName,
+}
+
+/// Names of at most this many bytes are kept (longer ones are rare).
+const FOLD_MAX: usize = 32;
+
+/// A name's bytes with ASCII case folded (each byte `| 0x20`), zero-padded, and
+/// its length.
+#[derive(PartialEq, Eq)]
+struct Folded([u64; FOLD_MAX / 8], usize);
+
+impl Folded {
+    fn of(raw: &[u8]) -> Option<Self> {
+        if raw.len() > FOLD_MAX {
+            return None;
+        }
+        let mut bytes = [0u8; FOLD_MAX];
+        bytes[..raw.len()].copy_from_slice(raw);
+        let mut words = [0u64; FOLD_MAX / 8];
+        for (w, chunk) in words.iter_mut().zip(bytes.chunks_exact(8)) {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(chunk);
+            *w = u64::from_le_bytes(b) | 0x2020_2020_2020_2020;
+        }
+        Some(Folded(words, raw.len()))
+    }
+
+    /// The slot, from all of the name (`sec-fetch-*` share their first ten bytes).
+    fn slot(&self) -> usize {
+        let [a, b, c, d] = self.0;
+        let mixed = a ^ b.rotate_left(17) ^ c.rotate_left(31) ^ d.rotate_left(47) ^ self.1 as u64;
+        (mixed.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 57) as usize % NAME_SLOTS
+    }
+}
+
+impl Names {
+    fn new() -> Self {
+        let mut slots = Vec::with_capacity(NAME_SLOTS);
+        slots.resize_with(NAME_SLOTS, || None);
+        Names { slots }
+    }
+
+    /// The header name `raw` (any case), as `HeaderName::from_bytes` makes it.
+    pub fn name(&mut self, raw: &[u8]) -> Result<HeaderName, InvalidHeaderName> {
+        let Some(folded) = Folded::of(raw) else {
+            return HeaderName::from_bytes(raw);
+        };
+        let first = folded.slot();
+        let ways = (0..NAME_WAYS).map(|i| (first + i) % NAME_SLOTS);
+        for i in ways.clone() {
+            match &self.slots[i] {
+                Some(known) if known.folded == folded => return Ok(known.name.clone()),
+                Some(_) => {}
+                None => break,
+            }
+        }
+        let name = HeaderName::from_bytes(raw)?;
+        // Folding maps exactly a letter's two cases together only for names of
+        // lowercase letters, digits and `-` (it would also fold `^` into `~`, say):
+        // other names are not kept.
+        if name
+            .as_str()
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        {
+            // The first free way, else the name's own slot.
+            let at = ways
+                .clone()
+                .find(|&i| self.slots[i].is_none())
+                .unwrap_or(first);
+            self.slots[at] = Some(Known {
+                folded,
+                name: name.clone(),
+            });
+        }
+        Ok(name)
+    }
+}
+
+/// Runs `f` with this worker's [`Names`].
+pub fn with_names<R>(f: impl FnOnce(&mut Names) -> R) -> R {
+    NAMES.with(|n| match n.try_borrow_mut() {
+        Ok(mut names) => f(&mut names),
+        // Only if `f` itself asked again: a fresh set, as correct and just slower.
+        Err(_) => f(&mut Names::new()),
+    })
 }
 
 /// An empty map with room for `n` fields: a kept one if this thread has one.
@@ -115,6 +230,64 @@ mod tests {
         give(HeaderMap::with_capacity(MAX_CAPACITY * 2));
         give(HeaderMap::new());
         assert_eq!(kept(), 0);
+    }
+
+    #[test]
+    fn names_are_those_from_bytes_makes_and_shared_after_the_first() {
+        with_names(|names| {
+            for raw in [
+                &b"Sec-Fetch-Dest"[..],
+                b"sec-fetch-dest",
+                b"SEC-FETCH-MODE",
+                b"Host",
+                b"x-a",
+                b"X-A",
+            ] {
+                let name = names.name(raw).expect("valid");
+                assert_eq!(name, HeaderName::from_bytes(raw).expect("valid"));
+            }
+            // The second lookup of a custom name shares the first one's bytes.
+            let a = names.name(b"Sec-CH-UA-Platform").expect("valid");
+            let b = names.name(b"sec-ch-ua-platform").expect("valid");
+            assert_eq!(a.as_str().as_ptr(), b.as_str().as_ptr());
+            // Invalid names are refused as from_bytes refuses them.
+            assert!(names.name(b"bad name").is_err());
+            assert!(names.name(b"").is_err());
+            // `^` and `~` fold together: a name holding one is not kept, so the
+            // other is never taken for it.
+            assert_eq!(names.name(b"x^y").expect("valid").as_str(), "x^y");
+            assert_eq!(names.name(b"x~y").expect("valid").as_str(), "x~y");
+            assert_eq!(names.name(b"x^y").expect("valid").as_str(), "x^y");
+            // Longer than kept: still made.
+            let long = [b'a'; 40];
+            assert_eq!(names.name(&long).expect("valid").as_str().len(), 40);
+        });
+    }
+
+    #[test]
+    fn names_in_one_slot_replace_each_other_and_stay_right() {
+        // More names than ways that start in one slot.
+        let slot = |raw: &[u8]| Folded::of(raw).expect("short").slot();
+        let a = b"x-name-0".to_vec();
+        let same: Vec<Vec<u8>> = std::iter::once(a.clone())
+            .chain(
+                (1..100_000)
+                    .map(|i| format!("x-name-{i}").into_bytes())
+                    .filter(|b| slot(b) == slot(&a)),
+            )
+            .take(NAME_WAYS + 2)
+            .collect();
+        assert_eq!(same.len(), NAME_WAYS + 2);
+        with_names(|names| {
+            for _ in 0..3 {
+                for raw in &same {
+                    assert_eq!(
+                        names.name(raw).expect("valid").as_str().as_bytes(),
+                        &raw[..]
+                    );
+                }
+            }
+        });
     }
 
     #[test]

@@ -40,7 +40,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::{Buf, Bytes, BytesMut};
-use http::{header, HeaderName, HeaderValue, Request, Response, StatusCode, Version};
+use http::{header, HeaderValue, Request, Response, StatusCode, Version};
 use http_body::{Frame, SizeHint};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -313,33 +313,37 @@ fn build(
     let mut length: Option<u64> = None;
     let mut close = false;
     let mut keep_alive_token = false;
-    for &[ns, nl, vs, vl] in spans {
-        let name = HeaderName::from_bytes(&head[ns..ns + nl]).map_err(|_| {
-            ExchangeError::BadHeader(String::from_utf8_lossy(&head[ns..ns + nl]).into_owned())
-        })?;
-        let value = HeaderValue::from_maybe_shared(head.slice(vs..vs + vl))
-            .map_err(|_| ExchangeError::BadHeader(name.to_string()))?;
-        if name == header::TRANSFER_ENCODING {
-            let last = value
-                .as_bytes()
-                .rsplit(|&b| b == b',')
-                .next()
-                .unwrap_or_default();
-            chunked = Some(last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
-        } else if name == header::CONTENT_LENGTH {
-            for part in value.as_bytes().split(|&b| b == b',') {
-                let n = parse_length(part.trim_ascii()).ok_or(ExchangeError::BadLength)?;
-                if length.is_some_and(|l| l != n) {
-                    return Err(ExchangeError::BadLength);
+    // One borrow of the worker's header names for the whole head.
+    crate::recycle::with_names(|names| -> Result<(), ExchangeError> {
+        for &[ns, nl, vs, vl] in spans {
+            let name = names.name(&head[ns..ns + nl]).map_err(|_| {
+                ExchangeError::BadHeader(String::from_utf8_lossy(&head[ns..ns + nl]).into_owned())
+            })?;
+            let value = HeaderValue::from_maybe_shared(head.slice(vs..vs + vl))
+                .map_err(|_| ExchangeError::BadHeader(name.to_string()))?;
+            if name == header::TRANSFER_ENCODING {
+                let last = value
+                    .as_bytes()
+                    .rsplit(|&b| b == b',')
+                    .next()
+                    .unwrap_or_default();
+                chunked = Some(last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+            } else if name == header::CONTENT_LENGTH {
+                for part in value.as_bytes().split(|&b| b == b',') {
+                    let n = parse_length(part.trim_ascii()).ok_or(ExchangeError::BadLength)?;
+                    if length.is_some_and(|l| l != n) {
+                        return Err(ExchangeError::BadLength);
+                    }
+                    length = Some(n);
                 }
-                length = Some(n);
+            } else if name == header::CONNECTION {
+                close |= has_token(&value, b"close");
+                keep_alive_token |= has_token(&value, b"keep-alive");
             }
-        } else if name == header::CONNECTION {
-            close |= has_token(&value, b"close");
-            keep_alive_token |= has_token(&value, b"keep-alive");
+            headers.append(name, value);
         }
-        headers.append(name, value);
-    }
+        Ok(())
+    })?;
     let mut keep_alive = !close && (minor == 1 || keep_alive_token);
     let no_body =
         head_request || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED;

@@ -28,11 +28,13 @@ fn no_allocation_per_request_on_the_own_paths() {
     rt.block_on(async {
         let origin = alloc_count::origin().await;
         for (name, toml) in alloc_count::configs(origin) {
-            let (per, bytes) = alloc_count::measure(GLOBAL, &toml, 300, 2_000).await;
-            assert!(
-                per <= AT_MOST,
-                "{name}: {per:.3} allocations ({bytes:.0} bytes) per request, expected none"
-            );
+            for (head, req) in [("short", alloc_count::SHORT), ("browser", alloc_count::BROWSER)] {
+                let (per, bytes) = alloc_count::measure(GLOBAL, &toml, req, 300, 2_000).await;
+                assert!(
+                    per <= AT_MOST,
+                    "{name}, {head} head: {per:.3} allocations ({bytes:.0} bytes) per request, expected none"
+                );
+            }
         }
     });
 }

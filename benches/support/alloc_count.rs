@@ -11,7 +11,9 @@ use stats_alloc::{Region, StatsAlloc};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-const PAGE: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Length: 1000\r\n\r\n";
+// `X-Served-By`: a name the `http` crate has no constant for, as back ends send.
+const PAGE: &[u8] =
+    b"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nX-Served-By: origin\r\nContent-Length: 1000\r\n\r\n";
 
 /// An origin that answers every request on a connection with a fixed 1000-byte page,
 /// reading into a fixed buffer: no allocation per request.
@@ -54,10 +56,22 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
 }
 
 /// Sends `n` GETs on one keep-alive connection and reads each answer whole.
-async fn drive(addr: SocketAddr, n: usize, buf: &mut [u8]) {
+/// A request as wrk sends it (and as the allocation figures were first taken).
+pub const SHORT: &[u8] = b"GET / HTTP/1.1\r\nHost: bench.example\r\nUser-Agent: allocs\r\n\r\n";
+/// A request as a browser sends it: standard fields and the `Sec-*` ones the `http`
+/// crate has no constant for.
+pub const BROWSER: &[u8] = b"GET / HTTP/1.1\r\nHost: bench.example\r\n\
+User-Agent: Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/131.0 Safari/537.36\r\n\
+sec-ch-ua: \"Chromium\";v=\"131\", \"Not_A Brand\";v=\"24\"\r\nsec-ch-ua-mobile: ?0\r\n\
+sec-ch-ua-platform: \"Linux\"\r\nUpgrade-Insecure-Requests: 1\r\n\
+Accept: text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8\r\n\
+Sec-Fetch-Site: cross-site\r\nSec-Fetch-Mode: navigate\r\nSec-Fetch-User: ?1\r\n\
+Sec-Fetch-Dest: document\r\nReferer: https://news.example/\r\nAccept-Encoding: gzip, deflate, br\r\n\
+Accept-Language: en-GB,en;q=0.9\r\nCookie: session=abcdef0123456789\r\nPriority: u=0, i\r\n\r\n";
+
+async fn drive(addr: SocketAddr, req: &[u8], n: usize, buf: &mut [u8]) {
     let mut s = TcpStream::connect(addr).await.expect("connect");
     s.set_nodelay(true).expect("nodelay");
-    let req = b"GET / HTTP/1.1\r\nHost: bench.example\r\nUser-Agent: allocs\r\n\r\n";
     for _ in 0..n {
         s.write_all(req).await.expect("write");
         let mut have = 0;
@@ -85,10 +99,12 @@ async fn drive(addr: SocketAddr, n: usize, buf: &mut [u8]) {
 }
 
 /// Allocations and bytes per request (reallocations counted as allocations) over
-/// `measured` keep-alive GETs after `warmup`, through the balancer started on `toml`.
+/// `measured` keep-alive requests `req` after `warmup`, through the balancer
+/// started on `toml`.
 pub async fn measure(
     counter: &'static StatsAlloc<System>,
     toml: &str,
+    req: &[u8],
     warmup: usize,
     measured: usize,
 ) -> (f64, f64) {
@@ -99,9 +115,9 @@ pub async fn measure(
         .expect("balancer starts");
     let addr = server.bound()[0].addr;
     let mut buf = vec![0u8; 64 * 1024];
-    drive(addr, warmup, &mut buf).await;
+    drive(addr, req, warmup, &mut buf).await;
     let region = Region::new(counter);
-    drive(addr, measured, &mut buf).await;
+    drive(addr, req, measured, &mut buf).await;
     let stats = region.change();
     let per = (stats.allocations + stats.reallocations) as f64 / measured as f64;
     let bytes =
