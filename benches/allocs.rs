@@ -23,20 +23,10 @@ const WARMUP: usize = 2_000;
 const MEASURED: usize = 20_000;
 
 fn main() {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .expect("runtime");
-    rt.block_on(async {
-        let origin = alloc_count::origin().await;
-        for (name, toml) in alloc_count::configs(origin) {
-            for (head, req) in [("short", alloc_count::SHORT), ("browser", alloc_count::BROWSER)] {
-                let (per, bytes) = alloc_count::measure(GLOBAL, &toml, req, WARMUP, MEASURED).await;
-                println!(
-                    "{name:<18} {head:<8} head {per:>7.2} allocations/request  {bytes:>8.0} bytes/request"
-                );
-            }
-        }
-    });
+    for c in alloc_count::every_path(GLOBAL, WARMUP, MEASURED) {
+        println!(
+            "{:<18} {:<8} head {:>7.2} allocations/request  {:>8.0} bytes/request",
+            c.path, c.head, c.allocations, c.bytes
+        );
+    }
 }

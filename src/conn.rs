@@ -281,8 +281,8 @@ impl Track {
     }
 
     /// Bytes of a next request that arrived while the last one was in flight (they
-    /// were not scanned then): scans them now, which starts the head phase and its
-    /// deadline, as if they had just been read.
+    /// were not scanned then): takes them now as if they had just been read, which
+    /// starts the head phase and its deadline (and scans them, when scanning is on).
     pub(crate) fn rescan(&self, data: &[u8]) {
         self.on_read(data);
     }

@@ -25,10 +25,10 @@
 //! - **Same connection rules.** Every byte goes through [`ClientIo`], so the header
 //!   and idle deadlines and the `408` apply unchanged. The raw head scan is off
 //!   while this loop parses the heads itself (httparse finds their end); a head it
-//!   hands to hyper is scanned whole first, so hyper's path sees the same verdict. A request is in
-//!   flight (for parking and shutdown) from its head until its answer is written.
-//!   Bytes of a next request that arrived meanwhile are scanned afterwards
-//!   (`Track::rescan`). A client that closes while its request waits (say in a
+//!   hands to hyper is scanned whole first, so hyper's path sees the same verdict.
+//!   A request is in flight (for parking and shutdown) from its head until its
+//!   answer is written. Bytes of a next request that arrived meanwhile start the
+//!   next head afterwards (`Track::rescan`). A client that closes while its request waits (say in a
 //!   pool's queue) cancels the request, which leaves the queue. On shutdown an idle
 //!   connection closes and a busy one closes after its answer (`connection: close`);
 //!   a connection is not told to stop before its first request (the head deadline

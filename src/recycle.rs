@@ -25,10 +25,13 @@
 //! names it met in [`NAME_SLOTS`] slots, by a hash of their bytes (a name may take
 //! one of the few slots after its own), and a name equal (ignoring case) to one
 //! kept is that name's clone, which shares its bytes.
-//! - **Same names.** A slot holds a name `from_bytes` made; a hit is only taken
-//!   when the bytes equal it ignoring ASCII case, which is what `from_bytes` would
-//!   have lowercased them to. Anything else goes to `from_bytes`, and errors are its.
-//! - **Bounded.** A fixed number of slots; a new name replaces the one in its slot.
+//! - **Same names.** A slot holds a name `from_bytes` made, and only one of
+//!   lowercase letters, digits and `-`: for those, bytes whose case-folded form
+//!   (`| 0x20`) equals the kept name's are exactly its other spellings, which
+//!   `from_bytes` would have lowercased to it. Anything else goes to `from_bytes`,
+//!   and errors are its.
+//! - **Bounded.** A fixed number of slots; a new name takes a free one of its
+//!   ways, or else replaces the one in its own slot.
 
 use std::cell::RefCell;
 

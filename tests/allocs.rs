@@ -20,21 +20,14 @@ const AT_MOST: f64 = 0.05;
 
 #[test]
 fn no_allocation_per_request_on_the_own_paths() {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .expect("runtime");
-    rt.block_on(async {
-        let origin = alloc_count::origin().await;
-        for (name, toml) in alloc_count::configs(origin) {
-            for (head, req) in [("short", alloc_count::SHORT), ("browser", alloc_count::BROWSER)] {
-                let (per, bytes) = alloc_count::measure(GLOBAL, &toml, req, 300, 2_000).await;
-                assert!(
-                    per <= AT_MOST,
-                    "{name}, {head} head: {per:.3} allocations ({bytes:.0} bytes) per request, expected none"
-                );
-            }
-        }
-    });
+    for c in alloc_count::every_path(GLOBAL, 300, 2_000) {
+        assert!(
+            c.allocations <= AT_MOST,
+            "{}, {} head: {:.3} allocations ({:.0} bytes) per request, expected none",
+            c.path,
+            c.head,
+            c.allocations,
+            c.bytes
+        );
+    }
 }

@@ -143,3 +143,42 @@ pub fn configs(origin: SocketAddr) -> [(&'static str, String); 3] {
         ("proxied request", format!("{head}{pool}")),
     ]
 }
+
+/// One measurement of [`every_path`].
+pub struct Count {
+    pub path: &'static str,
+    pub head: &'static str,
+    pub allocations: f64,
+    pub bytes: f64,
+}
+
+/// Measures every path (maintenance page, snapshot hit, proxied request) with
+/// both heads ([`SHORT`], [`BROWSER`]) on a one-worker runtime, as a bench and a
+/// test both want it.
+pub fn every_path(
+    counter: &'static StatsAlloc<System>,
+    warmup: usize,
+    measured: usize,
+) -> Vec<Count> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let origin = origin().await;
+        let mut out = Vec::new();
+        for (path, toml) in configs(origin) {
+            for (head, req) in [("short", SHORT), ("browser", BROWSER)] {
+                let (allocations, bytes) = measure(counter, &toml, req, warmup, measured).await;
+                out.push(Count {
+                    path,
+                    head,
+                    allocations,
+                    bytes,
+                });
+            }
+        }
+        out
+    })
+}
