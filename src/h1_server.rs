@@ -104,7 +104,6 @@ where
     // More fields than either limit: hyper's (it answers 431 above `max_headers`).
     let max_fields = limits.max_headers.min(MAX_FIELDS);
     let mut buf = BytesMut::new();
-    let mut out = Vec::new();
     // One timer and one shutdown watch for the connection's life, re-armed rather
     // than registered anew for every request.
     let look = tokio::time::sleep_until(Instant::now() + track.park_after());
@@ -162,7 +161,6 @@ where
             if park {
                 // Idle long enough: give the buffers back and wait in the kernel.
                 buf = BytesMut::new();
-                out = Vec::new();
                 let _parked = Counted::new(parked);
                 match crate::park::wait(io, stop).await {
                     Wake::Readable => {}
@@ -193,7 +191,7 @@ where
             }
         };
         let keep_alive = !*stop.borrow();
-        let keep = write(io, resp, head, keep_alive, &mut out).await?;
+        let keep = write(io, resp, head, keep_alive).await?;
         drop(in_flight);
         if !keep {
             let _ = io.shutdown().await;
@@ -349,8 +347,26 @@ enum Framing {
     Chunked,
 }
 
-/// Writes `resp`; returns whether the connection may carry another request.
+/// Writes `resp`; returns whether the connection may carry another request. The
+/// answer is encoded into the worker's output buffer (taken for the answer's time,
+/// given back once it is written: [`crate::recycle::take_out`]).
 async fn write<I>(
+    io: &mut ClientIo<I>,
+    resp: Response<Body>,
+    head: bool,
+    keep_alive: bool,
+) -> io::Result<bool>
+where
+    I: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut out = crate::recycle::take_out();
+    let keep = write_with(io, resp, head, keep_alive, &mut out).await?;
+    crate::recycle::give_out(out);
+    Ok(keep)
+}
+
+/// [`write`] with the buffer given.
+async fn write_with<I>(
     io: &mut ClientIo<I>,
     resp: Response<Body>,
     head: bool,

@@ -19,6 +19,18 @@
 //!   on one thread and taken on another is still one whole map. Nothing depends on
 //!   a map coming back.
 //!
+//! Output buffers ([`take_out`], [`give_out`]): the own loop encodes each answer
+//! (head and body) into one buffer and writes it with one system call. A buffer per
+//! connection is cold by the connection's next request once there are more
+//! connections than fit the cache (1000 of them hold 4 MiB of maintenance pages),
+//! so each answer's copy would miss on every line. Instead a connection takes this
+//! worker's buffer for the time of one answer and gives it back once the answer is
+//! written: in steady state every connection of a worker writes from the same warm
+//! buffer. An answer whose write has to wait (a full socket) keeps its buffer for
+//! that time; the next one takes another. At most [`KEEP_OUT`] buffers are kept,
+//! each of at most [`OUT_MAX_CAPACITY`] bytes, cleared (a kept buffer holds no
+//! answer's bytes: [`give_out`] clears it).
+//!
 //! Header names ([`Names`]): `HeaderName::from_bytes` allocates a copy of every name
 //! the `http` crate has no constant for, and browsers send eight or so of those on
 //! every request (`sec-ch-ua*`, `sec-fetch-*`, `priority`). Each worker keeps the
@@ -44,6 +56,13 @@ pub const KEEP: usize = 16;
 /// A map that can hold more fields than this is not kept.
 pub const MAX_CAPACITY: usize = 96;
 
+/// Output buffers kept per thread: more than the answers whose write waits on a
+/// full socket at once in steady state.
+pub const KEEP_OUT: usize = 8;
+/// An output buffer bigger than this is freed rather than kept: room for a streamed
+/// answer's flush threshold (64 KiB) and a head.
+pub const OUT_MAX_CAPACITY: usize = 80 * 1024;
+
 /// Header names kept per worker: far more than the distinct names of browsers'
 /// requests and back ends' answers (20 to 40).
 pub const NAME_SLOTS: usize = 256;
@@ -53,6 +72,7 @@ const NAME_WAYS: usize = 4;
 thread_local! {
     static SPARE: RefCell<Vec<HeaderMap>> = const { RefCell::new(Vec::new()) };
     static NAMES: RefCell<Names> = RefCell::new(Names::new());
+    static OUT: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
 }
 
 /// The header names a worker met (see the module's doc).
@@ -180,6 +200,36 @@ pub fn give(mut map: HeaderMap) {
     });
 }
 
+/// An empty output buffer: the one this worker's last answer used, if it gave it
+/// back.
+pub fn take_out() -> Vec<u8> {
+    OUT.with(|o| o.try_borrow_mut().ok().and_then(|mut o| o.pop()))
+        .unwrap_or_default()
+}
+
+/// Done with an output buffer: cleared and kept for the next [`take_out`] on this
+/// thread, or freed.
+pub fn give_out(mut out: Vec<u8>) {
+    let cap = out.capacity();
+    if cap == 0 || cap > OUT_MAX_CAPACITY {
+        return;
+    }
+    out.clear();
+    OUT.with(|o| {
+        if let Ok(mut o) = o.try_borrow_mut() {
+            if o.len() < KEEP_OUT {
+                o.push(out);
+            }
+        }
+    });
+}
+
+/// Output buffers this thread keeps now.
+#[cfg(test)]
+fn kept_out() -> usize {
+    OUT.with(|o| o.borrow().len())
+}
+
 /// Maps this thread keeps now.
 #[cfg(test)]
 fn kept() -> usize {
@@ -291,6 +341,34 @@ mod tests {
                 }
             }
         });
+    }
+
+    #[test]
+    fn an_output_buffer_comes_back_empty_warm_and_bounded() {
+        let mut out = take_out();
+        out.extend_from_slice(b"HTTP/1.1 503 Service Unavailable\r\n\r\n");
+        let (at, room) = (out.as_ptr(), out.capacity());
+        give_out(out);
+        assert_eq!(kept_out(), 1);
+        // The next answer on this thread writes from the same memory.
+        let again = take_out();
+        assert!(again.is_empty());
+        assert_eq!((again.as_ptr(), again.capacity()), (at, room));
+        // Two answers out at once: the second gets a fresh buffer.
+        let other = take_out();
+        assert_eq!(other.capacity(), 0);
+        give_out(again);
+        give_out(other);
+        assert_eq!(kept_out(), 1, "an unused (empty) buffer is not kept");
+        for _ in 0..KEEP_OUT + 3 {
+            give_out(Vec::with_capacity(16));
+        }
+        assert_eq!(kept_out(), KEEP_OUT);
+        while kept_out() > 0 {
+            take_out();
+        }
+        give_out(Vec::with_capacity(OUT_MAX_CAPACITY + 1));
+        assert_eq!(kept_out(), 0, "a huge buffer is freed");
     }
 
     #[test]
