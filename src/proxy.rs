@@ -573,6 +573,17 @@ async fn acquire_watching_body(
     Ok((acquired, Body::prefetched(frames, incoming)))
 }
 
+/// The origin-form target (path and query) of `uri`, sharing its bytes.
+fn origin_form(uri: &Uri) -> Uri {
+    let mut parts = http::uri::Parts::default();
+    parts.path_and_query = Some(
+        uri.path_and_query()
+            .cloned()
+            .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
+    );
+    Uri::from_parts(parts).unwrap_or_else(|_| Uri::from_static("/"))
+}
+
 /// What [`forward`] needs besides the request and its lease.
 struct Call<'a> {
     fwd: &'a Forwarded,
@@ -600,24 +611,26 @@ async fn forward(
         timeouts,
         upgrade,
     } = call;
+    // Back ends get origin-form targets; absolute-form (and HTTP/2's
+    // `:authority`) was routed on its authority.
+    let absolute = parts.uri.scheme().is_some() || parts.uri.authority().is_some();
+    if absolute {
+        // RFC 9112 §3.2.2, RFC 9113 §8.3.1: the target's authority replaces any Host
+        // the client sent (before the rewrite, which adds a Host only if none).
+        if let Some(host) = parts
+            .uri
+            .authority()
+            .and_then(|a| recycle::host_value(a.as_str()))
+        {
+            parts.headers.insert(header::HOST, host);
+        }
+    }
     headers::rewrite_request(&mut parts.headers, fwd, &lease.backend().spec.address_text);
     if let Some(up) = &upgrade {
         headers::keep_upgrade(&mut parts.headers, up.protocol().clone());
     }
-    // Back ends get origin-form targets; absolute-form was routed on its authority.
-    if parts.uri.scheme().is_some() || parts.uri.authority().is_some() {
-        // RFC 9112 §3.2.2: the target's authority replaces any Host the client sent.
-        if let Some(authority) = parts.uri.authority() {
-            if let Ok(v) = HeaderValue::from_str(authority.as_str()) {
-                parts.headers.insert(header::HOST, v);
-            }
-        }
-        let pq = parts
-            .uri
-            .path_and_query()
-            .map(|pq| pq.as_str())
-            .unwrap_or("/");
-        parts.uri = pq.parse::<Uri>().unwrap_or_else(|_| Uri::from_static("/"));
+    if absolute {
+        parts.uri = origin_form(&parts.uri);
     }
     parts.version = http::Version::HTTP_11;
     let mut req = Request::from_parts(parts, body);

@@ -31,6 +31,11 @@
 //! each of at most [`OUT_MAX_CAPACITY`] bytes, cleared (a kept buffer holds no
 //! answer's bytes: [`give_out`] clears it).
 //!
+//! Host values ([`host_value`]): a request in absolute form, and every HTTP/2
+//! request, names its host in the target's authority, which becomes the back end's
+//! `Host`. Each worker keeps the last [`HOST_SLOTS`] values it made, so that the
+//! requests of a site share one (a clone shares the bytes).
+//!
 //! Header names ([`Names`]): `HeaderName::from_bytes` allocates a copy of every name
 //! the `http` crate has no constant for, and browsers send eight or so of those on
 //! every request (`sec-ch-ua*`, `sec-fetch-*`, `priority`). Each worker keeps the
@@ -47,7 +52,7 @@
 
 use std::cell::RefCell;
 
-use http::header::{HeaderName, InvalidHeaderName};
+use http::header::{HeaderName, HeaderValue, InvalidHeaderName};
 use http::HeaderMap;
 
 /// Maps kept per thread: more than the requests one worker has between taking a
@@ -63,6 +68,10 @@ pub const KEEP_OUT: usize = 8;
 /// answer's flush threshold (64 KiB) and a head.
 pub const OUT_MAX_CAPACITY: usize = 80 * 1024;
 
+/// `Host` values kept per worker: the sites behind one balancer that are busy at
+/// once on one worker, give or take.
+pub const HOST_SLOTS: usize = 8;
+
 /// Header names kept per worker: far more than the distinct names of browsers'
 /// requests and back ends' answers (20 to 40).
 pub const NAME_SLOTS: usize = 256;
@@ -73,6 +82,14 @@ thread_local! {
     static SPARE: RefCell<Vec<HeaderMap>> = const { RefCell::new(Vec::new()) };
     static NAMES: RefCell<Names> = RefCell::new(Names::new());
     static OUT: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
+    static HOSTS: RefCell<Hosts> = const { RefCell::new(Hosts { kept: Vec::new(), next: 0 }) };
+}
+
+/// The `Host` values a worker made last ([`host_value`]).
+struct Hosts {
+    kept: Vec<HeaderValue>,
+    /// The slot the next new value replaces once all are taken.
+    next: usize,
 }
 
 /// The header names a worker met (see the module's doc).
@@ -224,6 +241,32 @@ pub fn give_out(mut out: Vec<u8>) {
     });
 }
 
+/// The `Host` value for `authority`: a kept one equal to it, else a new one (then
+/// kept in place of the oldest). `None` if it is not a valid header value.
+pub fn host_value(authority: &str) -> Option<HeaderValue> {
+    HOSTS.with(|h| {
+        let Ok(mut hosts) = h.try_borrow_mut() else {
+            return HeaderValue::from_str(authority).ok();
+        };
+        if let Some(v) = hosts
+            .kept
+            .iter()
+            .find(|v| v.as_bytes() == authority.as_bytes())
+        {
+            return Some(v.clone());
+        }
+        let v = HeaderValue::from_str(authority).ok()?;
+        if hosts.kept.len() < HOST_SLOTS {
+            hosts.kept.push(v.clone());
+        } else {
+            let at = hosts.next;
+            hosts.kept[at] = v.clone();
+            hosts.next = (at + 1) % HOST_SLOTS;
+        }
+        Some(v)
+    })
+}
+
 /// Output buffers this thread keeps now.
 #[cfg(test)]
 fn kept_out() -> usize {
@@ -369,6 +412,36 @@ mod tests {
         }
         give_out(Vec::with_capacity(OUT_MAX_CAPACITY + 1));
         assert_eq!(kept_out(), 0, "a huge buffer is freed");
+    }
+
+    #[test]
+    fn host_values_are_shared_per_site_and_bounded() {
+        let a = host_value("shop.example:8443").expect("valid");
+        assert_eq!(a, "shop.example:8443");
+        let again = host_value("shop.example:8443").expect("valid");
+        assert_eq!(
+            a.as_bytes().as_ptr(),
+            again.as_bytes().as_ptr(),
+            "shared bytes"
+        );
+        assert!(host_value("bad\nhost").is_none());
+        // More sites than slots: each still gets its own right value, and the
+        // oldest one is made anew.
+        for round in 0..2 {
+            for i in 0..HOST_SLOTS + 3 {
+                let name = format!("site{i}.example");
+                assert_eq!(
+                    host_value(&name).expect("valid"),
+                    name.as_str(),
+                    "round {round}"
+                );
+            }
+        }
+        assert_eq!(HOSTS.with(|h| h.borrow().kept.len()), HOST_SLOTS);
+        assert_eq!(
+            host_value("shop.example:8443").expect("valid"),
+            "shop.example:8443"
+        );
     }
 
     #[test]
