@@ -95,6 +95,21 @@ pub mod h2_limits {
     /// end answers (see `upstream::send`), so together with the streams still open
     /// they stay within one connection's fair share.
     pub const MAX_CANCELLED_STREAMS: u32 = 50;
+    /// Flow-control window of each stream (SETTINGS_INITIAL_WINDOW_SIZE): how much of
+    /// a request body a client may send ahead of what the back end has taken. A
+    /// quarter of the connection's window, so one upload cannot take all of it
+    /// (hyper's default is the whole of it, 1 MiB); 256 KiB still uploads at
+    /// ~2.5 MB/s per stream over a 100 ms round trip.
+    pub const INITIAL_STREAM_WINDOW: u32 = 256 * 1024;
+    /// Flow-control window of the connection: the most request body held unread per
+    /// connection, whatever its streams (Envoy's edge recommendation, and hyper's
+    /// default).
+    pub const INITIAL_CONNECTION_WINDOW: u32 = 1024 * 1024;
+    /// Answer bytes queued per stream beyond what the client's window lets out
+    /// (hyper's default: 400 KiB). As on the HTTP/1.1 path, where 64 KiB of an answer
+    /// is buffered before the next write must wait: a client that opens 100 streams
+    /// and reads nothing holds at most 6.4 MiB, not 40.
+    pub const MAX_SEND_BUF_SIZE: usize = 64 * 1024;
 }
 
 /// Cancelled and answered requests of one HTTP/2 connection.
@@ -380,6 +395,9 @@ where
         .max_header_list_size(h2_limits::MAX_HEADER_LIST_SIZE)
         .max_pending_accept_reset_streams(h2_limits::MAX_PENDING_ACCEPT_RESET_STREAMS)
         .max_local_error_reset_streams(h2_limits::MAX_LOCAL_ERROR_RESET_STREAMS)
+        .initial_stream_window_size(h2_limits::INITIAL_STREAM_WINDOW)
+        .initial_connection_window_size(h2_limits::INITIAL_CONNECTION_WINDOW)
+        .max_send_buf_size(h2_limits::MAX_SEND_BUF_SIZE)
         .serve_connection(TokioIo::new(Coalesce::new(io, turn.clone())), svc);
     tokio::pin!(conn);
     let idle = limits.idle_timeout;

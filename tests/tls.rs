@@ -798,6 +798,90 @@ async fn server_settings(mut tls: TlsStream<TcpStream>) -> Vec<(u16, u32)> {
         .expect("SETTINGS in time")
 }
 
+/// The server's first frames after the client's preface and empty SETTINGS: its
+/// SETTINGS and the window increment it gives the connection (WINDOW_UPDATE on stream
+/// 0), read until both came (or 16 frames).
+async fn server_windows(mut tls: TlsStream<TcpStream>) -> (Vec<(u16, u32)>, u32) {
+    let exchange = async {
+        tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+            .await
+            .expect("write preface");
+        tls.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0])
+            .await
+            .expect("write SETTINGS");
+        tls.flush().await.expect("flush");
+        let (mut settings, mut increment) = (None, 0u32);
+        for _ in 0..16 {
+            let mut head = [0u8; 9];
+            tls.read_exact(&mut head).await.expect("frame header");
+            let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+            let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+            let mut payload = vec![0u8; len];
+            tls.read_exact(&mut payload).await.expect("frame payload");
+            match (head[3], head[4] & 1 == 1) {
+                (4, false) => {
+                    settings = Some(
+                        payload
+                            .chunks_exact(6)
+                            .map(|c| {
+                                (
+                                    u16::from_be_bytes([c[0], c[1]]),
+                                    u32::from_be_bytes([c[2], c[3], c[4], c[5]]),
+                                )
+                            })
+                            .collect::<Vec<_>>(),
+                    );
+                }
+                (8, _) if stream == 0 && len == 4 => {
+                    increment +=
+                        u32::from_be_bytes([payload[0], payload[1], payload[2], payload[3]]);
+                }
+                _ => {}
+            }
+            if settings.is_some() && increment > 0 {
+                break;
+            }
+        }
+        (settings.expect("a SETTINGS frame"), increment)
+    };
+    tokio::time::timeout(STEP, exchange)
+        .await
+        .expect("frames in time")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2_flow_control_windows_are_set_not_library_defaults() {
+    let backend = Backend::start("web").await;
+    let site = Site::start("", backend.addr).await;
+    let tls = connect(&any_client(), site.v4(), dns(BLOG)).await;
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let (settings, increment) = server_windows(tls).await;
+    // SETTINGS_INITIAL_WINDOW_SIZE (0x4): each stream's window, 256 KiB.
+    let stream_window: Vec<u32> = settings
+        .iter()
+        .filter(|(id, _)| *id == 0x4)
+        .map(|(_, v)| *v)
+        .collect();
+    assert_eq!(stream_window, [256 * 1024], "in {settings:?}");
+    // The connection starts at the protocol's 65,535 and is raised to 1 MiB.
+    assert_eq!(65_535 + increment, 1024 * 1024, "connection window");
+    // And a request body larger than one stream's window still goes through whole.
+    let tls = connect(&any_client(), site.v6(), dns(BLOG)).await;
+    let Http::Two(mut h2) = Http::over(tls).await else {
+        panic!("h2 was negotiated");
+    };
+    let body = vec![b'x'; 600 * 1024];
+    let req = Request::post(format!("https://{BLOG}/upload"))
+        .body(Full::new(Bytes::from(body)))
+        .expect("request");
+    let resp = tokio::time::timeout(STEP, h2.send_request(req))
+        .await
+        .expect("answer in time")
+        .expect("answer");
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(backend.last().body.len(), 600 * 1024);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn h2_allows_at_most_100_concurrent_streams() {
     // What the server says: SETTINGS_MAX_CONCURRENT_STREAMS (0x3) = 100.
