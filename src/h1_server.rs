@@ -111,6 +111,12 @@ where
     let mut watch = stop.clone();
     let stopped = async move { watch.wait_for(|stopped| *stopped).await.is_ok() };
     tokio::pin!(stopped);
+    // The listener's stop, read per answer: a check of the channel's version (one
+    // line shared by every connection) on a receiver of this loop's own, rather than
+    // a read lock through the caller's receiver (cold by the connection's next turn
+    // when many connections take turns).
+    let mut flag = stop.clone();
+    let mut stopping = *flag.borrow_and_update();
     loop {
         let req = loop {
             if !buf.is_empty() {
@@ -190,7 +196,10 @@ where
                 }
             }
         };
-        let keep_alive = !*stop.borrow();
+        if !stopping && flag.has_changed().unwrap_or(true) {
+            stopping = *flag.borrow_and_update();
+        }
+        let keep_alive = !stopping;
         let keep = write(io, resp, head, keep_alive).await?;
         drop(in_flight);
         if !keep {
