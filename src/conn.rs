@@ -361,6 +361,22 @@ impl Track {
             }
             return None;
         }
+        self.deadline_of(&s)
+    }
+
+    /// For a reader that enforces the deadlines itself
+    /// ([`ClientIo::set_caller_deadlines`]): when the connection must end for
+    /// silence, and whether with a 408 (a head had begun and nothing was written
+    /// since). `None` while a request is in flight.
+    pub(crate) fn read_deadline(&self) -> Option<(Instant, bool)> {
+        let s = self.state.lock();
+        if s.in_flight > 0 || s.phase == Phase::Request {
+            return None;
+        }
+        self.deadline_of(&s)
+    }
+
+    fn deadline_of(&self, s: &State) -> Option<(Instant, bool)> {
         let d = &self.deadlines;
         match s.phase {
             Phase::Waiting { fresh: true } => Some((s.since + d.header_timeout, false)),
@@ -479,6 +495,9 @@ pub struct ClientIo<I> {
     /// Bytes read earlier and handed back by a parked hyper connection, read again
     /// before the stream (scanned once, by [`ClientIo::replay`]).
     replay: bytes::Bytes,
+    /// The reader enforces the deadlines itself ([`ClientIo::set_caller_deadlines`]):
+    /// a read that would block just waits.
+    caller_deadlines: bool,
 }
 
 /// Inserted after the status line of hyper's own error answers, which, like every
@@ -493,7 +512,17 @@ impl<I> ClientIo<I> {
             sleep: None,
             rewritten: None,
             replay: bytes::Bytes::new(),
+            caller_deadlines: false,
         }
+    }
+
+    /// Whether the code reading this stream enforces the connection's deadlines
+    /// itself (launchday's own HTTP/1.1 loop, with its one timer per connection,
+    /// [`Track::read_deadline`]) instead of this stream's timer. Off for hyper, which
+    /// cannot. While on, a read that would block only waits; the reader must also
+    /// answer 408 itself ([`ClientIo::request_timeout`]).
+    pub(crate) fn set_caller_deadlines(&mut self, on: bool) {
+        self.caller_deadlines = on;
     }
 
     /// Gives back bytes hyper had read but not used (see `replay`): the start of a
@@ -526,6 +555,17 @@ impl<I> ClientIo<I> {
 }
 
 impl<I: AsyncRead + AsyncWrite + Unpin> ClientIo<I> {
+    /// Sends `408 Request Timeout`, best effort (what the socket takes at once: the
+    /// client is about to be cut off either way).
+    pub(crate) async fn request_timeout(&mut self) {
+        std::future::poll_fn(|cx| {
+            let _ = Pin::new(&mut self.io).poll_write(cx, REQUEST_TIMEOUT);
+            let _ = Pin::new(&mut self.io).poll_flush(cx);
+            Poll::Ready(())
+        })
+        .await;
+    }
+
     /// Called when a read would block. `Ready(true)`: the deadline passed, end the
     /// connection (after a 408 if the head had begun). The timer is armed at most
     /// `header_timeout` ahead, so it never fires after the deadline even when the
@@ -581,6 +621,7 @@ impl<I: AsyncRead + AsyncWrite + Unpin> AsyncRead for ClientIo<I> {
                 Poll::Ready(Ok(()))
             }
             Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending if this.caller_deadlines => Poll::Pending,
             Poll::Pending => {
                 // Expired: end of stream, which hyper takes as the client leaving.
                 ready!(this.poll_deadline(cx));

@@ -22,8 +22,11 @@
 //!   no body for `HEAD`, `204` and `304`, `connection: close` when the connection will
 //!   close. A body that ends early or fails closes the connection (the client sees
 //!   a short answer, never a wrong next one).
-//! - **Same connection rules.** Every byte goes through [`ClientIo`], so the header
-//!   and idle deadlines and the `408` apply unchanged. The raw head scan is off
+//! - **Same connection rules.** Every byte goes through [`ClientIo`], and the same
+//!   header and idle deadlines and `408` apply ([`crate::conn::Track::read_deadline`]), kept by
+//!   this loop with its one timer per connection, which also parks: the stream's
+//!   own deadline timer is off while this loop reads (one timer touched per request
+//!   instead of two). The raw head scan is off
 //!   while this loop parses the heads itself (httparse finds their end); a head it
 //!   hands to hyper is scanned whole first, so hyper's path sees the same verdict.
 //!   A request is in flight (for parking and shutdown) from its head until its
@@ -105,9 +108,15 @@ where
     let max_fields = limits.max_headers.min(MAX_FIELDS);
     let mut buf = BytesMut::new();
     // One timer and one shutdown watch for the connection's life, re-armed rather
-    // than registered anew for every request.
+    // than registered anew for every request. The timer serves both parking and the
+    // connection's deadlines (head and idle): the stream's own timer stays unused
+    // while this loop reads ([`ClientIo::set_caller_deadlines`]).
+    io.set_caller_deadlines(true);
     let look = tokio::time::sleep_until(Instant::now() + track.park_after());
     tokio::pin!(look);
+    // Whether `look` went off since it was last set (kept here, so that the timer's
+    // own state is not read for every request).
+    let mut look_fired = false;
     let mut watch = stop.clone();
     let stopped = async move { watch.wait_for(|stopped| *stopped).await.is_ok() };
     tokio::pin!(stopped);
@@ -126,12 +135,35 @@ where
                         track.set_scanning(true);
                         track.scan_head(&buf);
                         io.give_back(buf.freeze());
+                        io.set_caller_deadlines(false);
                         return Ok(Exit::Handoff);
                     }
                     Parsed::Partial => {
-                        // The rest of the head (the head deadline is ClientIo's).
+                        // The rest of the head, within the head's deadline.
                         buf.reserve(READ_CHUNK);
-                        if io.read_buf(&mut buf).await? == 0 {
+                        let n = loop {
+                            let Some((deadline, answer)) = track.read_deadline() else {
+                                break io.read_buf(&mut buf).await?;
+                            };
+                            if look.deadline() != deadline {
+                                look.as_mut().reset(deadline);
+                                look_fired = false;
+                            }
+                            tokio::select! {
+                                biased;
+                                n = io.read_buf(&mut buf) => break n?,
+                                () = &mut look => {
+                                    look_fired = true;
+                                    if deadline <= Instant::now() {
+                                        if answer {
+                                            io.request_timeout().await;
+                                        }
+                                        return Ok(Exit::Closed);
+                                    }
+                                }
+                            }
+                        };
+                        if n == 0 {
                             return Ok(Exit::Closed);
                         }
                         continue;
@@ -141,12 +173,23 @@ where
             // Idle between requests.
             buf.reserve(READ_CHUNK);
             let park = loop {
-                let at = if I::PARKS { track.park_at() } else { None };
-                // Busy: look again later. Deadlines only move later, so the timer is
-                // moved only once it has fired (early, then): not once per request.
-                let at = at.unwrap_or_else(|| Instant::now() + track.park_after());
-                if I::PARKS && look.is_elapsed() && look.deadline() != at {
+                // The earlier of parking and the idle deadline (`header_timeout` on a
+                // fresh connection, `idle_timeout` after an answer).
+                let park_at = if I::PARKS { track.park_at() } else { None };
+                let expire = track.read_deadline().map(|(at, _)| at);
+                let at = match (park_at, expire) {
+                    (Some(p), Some(e)) => p.min(e),
+                    // Busy: look again later.
+                    (p, e) => p
+                        .or(e)
+                        .unwrap_or_else(|| Instant::now() + track.park_after()),
+                };
+                // Between requests these only move later, so the timer is moved only
+                // once it has gone off (early, then), not once per request; or when it
+                // is set later than now needed (after a head's deadline).
+                if (look_fired && look.deadline() != at) || look.deadline() > at {
                     look.as_mut().reset(at);
+                    look_fired = false;
                 }
                 tokio::select! {
                     biased;
@@ -157,8 +200,13 @@ where
                         break false;
                     }
                     _ = &mut stopped, if served => return Ok(Exit::Closed),
-                    () = &mut look, if I::PARKS => {
-                        if track.park_at().is_some_and(|at| at <= Instant::now()) {
+                    () = &mut look => {
+                        look_fired = true;
+                        let now = Instant::now();
+                        if track.read_deadline().is_some_and(|(at, _)| at <= now) {
+                            return Ok(Exit::Closed);
+                        }
+                        if I::PARKS && track.park_at().is_some_and(|at| at <= now) {
                             break true;
                         }
                     }

@@ -758,6 +758,91 @@ async fn an_idle_tls_connection_is_not_parked_and_keeps_serving() {
     assert_eq!(backend.last().uri, "/after");
 }
 
+/// Reads `tls` until the server closes it or `limit` passes: what came, and when the
+/// close came (from `since`).
+async fn read_to_close(
+    tls: &mut TlsStream<TcpStream>,
+    since: Instant,
+    limit: Duration,
+) -> (Vec<u8>, Option<Duration>) {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match tokio::time::timeout_at((since + limit).into(), tls.read(&mut buf)).await {
+            Err(_) => return (got, None),
+            Ok(Ok(0)) | Ok(Err(_)) => return (got, Some(since.elapsed())),
+            Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
+/// HTTP/1.1 over TLS is served by launchday's own loop too, which keeps the
+/// connection's deadlines with its one timer: a head that stalls gets its 408 at
+/// `header_timeout`, and an idle keep-alive connection is closed silently at
+/// `idle_timeout` (TLS connections are never parked).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http1_over_tls_keeps_the_head_and_idle_deadlines() {
+    let backend = Backend::start("web").await;
+    let limits = "\n[limits]\nheader_timeout = \"1s\"\nidle_timeout = \"2s\"\n";
+    let site = Site::start(limits, backend.addr).await;
+    let h1 = client_config(BOTH, H1, Trust::Any, false);
+
+    // A head that never ends.
+    let mut tls = connect(&h1, site.v4(), dns(BLOG)).await;
+    tls.write_all(b"GET /stall HTTP/1.1\r\nHo")
+        .await
+        .expect("write");
+    tls.flush().await.expect("flush");
+    let started = Instant::now();
+    let (got, closed) = read_to_close(&mut tls, started, Duration::from_secs(5)).await;
+    let text = String::from_utf8_lossy(&got);
+    assert!(
+        text.starts_with("HTTP/1.1 408"),
+        "stalled head got {text:?}"
+    );
+    let at = closed.unwrap_or_else(|| panic!("not closed: {text:?}"));
+    assert!(
+        at >= Duration::from_millis(750) && at <= Duration::from_millis(2500),
+        "stalled head closed after {at:?}"
+    );
+
+    // A request answered, then silence.
+    let mut tls = connect(&h1, site.v6(), dns(BLOG)).await;
+    tls.write_all(format!("GET /once HTTP/1.1\r\nHost: {BLOG}\r\n\r\n").as_bytes())
+        .await
+        .expect("write");
+    tls.flush().await.expect("flush");
+    let mut head = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = tokio::time::timeout(STEP, tls.read(&mut buf))
+            .await
+            .expect("answer in time")
+            .expect("read");
+        assert!(n > 0, "closed before the answer");
+        head.extend_from_slice(&buf[..n]);
+    }
+    assert!(
+        head.starts_with(b"HTTP/1.1 200"),
+        "{:?}",
+        String::from_utf8_lossy(&head)
+    );
+    assert_eq!(backend.last().uri, "/once");
+    let idle = Instant::now();
+    // The answer's body may still be arriving; then nothing more until the close.
+    let (rest, closed) = read_to_close(&mut tls, idle, Duration::from_secs(6)).await;
+    let at = closed.unwrap_or_else(|| panic!("idle connection not closed"));
+    assert!(
+        !String::from_utf8_lossy(&rest).contains("HTTP/1.1 408"),
+        "idle connection got a 408"
+    );
+    // At idle_timeout (2 s), not at header_timeout (1 s).
+    assert!(
+        at >= Duration::from_millis(1750) && at <= Duration::from_millis(3500),
+        "idle connection closed after {at:?}"
+    );
+}
+
 /// Sends the HTTP/2 preface and an empty SETTINGS frame, and returns the server's
 /// first (non-ACK) SETTINGS frame as `(identifier, value)` pairs.
 async fn server_settings(mut tls: TlsStream<TcpStream>) -> Vec<(u16, u32)> {
