@@ -23,7 +23,7 @@
 //!   close. A body that ends early or fails closes the connection (the client sees
 //!   a short answer, never a wrong next one).
 //! - **Same connection rules.** Every byte goes through [`ClientIo`], and the same
-//!   header and idle deadlines and `408` apply ([`crate::conn::Track::read_deadline`]), kept by
+//!   header and idle deadlines and `408` apply (`Track::read_deadline`), kept by
 //!   this loop with its one timer per connection, which also parks: the stream's
 //!   own deadline timer is off while this loop reads (one timer touched per request
 //!   instead of two). The raw head scan is off
