@@ -845,42 +845,8 @@ async fn http1_over_tls_keeps_the_head_and_idle_deadlines() {
 
 /// Sends the HTTP/2 preface and an empty SETTINGS frame, and returns the server's
 /// first (non-ACK) SETTINGS frame as `(identifier, value)` pairs.
-async fn server_settings(mut tls: TlsStream<TcpStream>) -> Vec<(u16, u32)> {
-    let exchange = async {
-        tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
-            .await
-            .expect("write preface");
-        // Length 0, type SETTINGS (4), no flags, stream 0.
-        tls.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0])
-            .await
-            .expect("write SETTINGS");
-        tls.flush().await.expect("flush");
-        for _ in 0..16 {
-            let mut head = [0u8; 9];
-            tls.read_exact(&mut head).await.expect("frame header");
-            let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
-            assert!(len <= 16_384, "frame of {len} bytes");
-            let mut payload = vec![0u8; len];
-            tls.read_exact(&mut payload).await.expect("frame payload");
-            let (kind, ack) = (head[3], head[4] & 1 == 1);
-            if kind == 4 && !ack {
-                assert_eq!(len % 6, 0, "SETTINGS payload of {len} bytes");
-                return payload
-                    .chunks_exact(6)
-                    .map(|c| {
-                        (
-                            u16::from_be_bytes([c[0], c[1]]),
-                            u32::from_be_bytes([c[2], c[3], c[4], c[5]]),
-                        )
-                    })
-                    .collect::<Vec<_>>();
-            }
-        }
-        panic!("no SETTINGS frame among the server's first 16 frames");
-    };
-    tokio::time::timeout(STEP, exchange)
-        .await
-        .expect("SETTINGS in time")
+async fn server_settings(tls: TlsStream<TcpStream>) -> Vec<(u16, u32)> {
+    server_windows(tls).await.0
 }
 
 /// The server's first frames after the client's preface and empty SETTINGS: its
@@ -891,6 +857,7 @@ async fn server_windows(mut tls: TlsStream<TcpStream>) -> (Vec<(u16, u32)>, u32)
         tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
             .await
             .expect("write preface");
+        // Length 0, type SETTINGS (4), no flags, stream 0.
         tls.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0])
             .await
             .expect("write SETTINGS");
@@ -901,10 +868,12 @@ async fn server_windows(mut tls: TlsStream<TcpStream>) -> (Vec<(u16, u32)>, u32)
             tls.read_exact(&mut head).await.expect("frame header");
             let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
             let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+            assert!(len <= 16_384, "frame of {len} bytes");
             let mut payload = vec![0u8; len];
             tls.read_exact(&mut payload).await.expect("frame payload");
             match (head[3], head[4] & 1 == 1) {
                 (4, false) => {
+                    assert_eq!(len % 6, 0, "SETTINGS payload of {len} bytes");
                     settings = Some(
                         payload
                             .chunks_exact(6)
