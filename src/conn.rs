@@ -258,7 +258,10 @@ impl Track {
     /// HTTP/1 a request stays in flight until hyper has finished its response body,
     /// see [`crate::park::Answer`]), no byte of a next request read, no tunnel.
     pub(crate) fn park_at(&self) -> Option<Instant> {
-        let s = self.state.lock();
+        self.park_at_of(&self.state.lock())
+    }
+
+    fn park_at_of(&self, s: &State) -> Option<Instant> {
         let idle = s.in_flight == 0 && !s.tunnel_open;
         (idle && matches!(s.phase, Phase::Waiting { .. }))
             .then(|| s.since + self.deadlines.park_after)
@@ -369,11 +372,23 @@ impl Track {
     /// silence, and whether with a 408 (a head had begun and nothing was written
     /// since). `None` while a request is in flight.
     pub(crate) fn read_deadline(&self) -> Option<(Instant, bool)> {
-        let s = self.state.lock();
+        self.read_deadline_of(&self.state.lock())
+    }
+
+    fn read_deadline_of(&self, s: &State) -> Option<(Instant, bool)> {
         if s.in_flight > 0 || s.phase == Phase::Request {
             return None;
         }
-        self.deadline_of(&s)
+        self.deadline_of(s)
+    }
+
+    /// For the own loop waiting between requests, under one lock: when the
+    /// connection may be parked ([`Track::park_at`]) and when it must end for
+    /// silence ([`Track::read_deadline`]).
+    pub(crate) fn idle_times(&self) -> (Option<Instant>, Option<Instant>) {
+        let s = self.state.lock();
+        let expire = self.read_deadline_of(&s).map(|(at, _)| at);
+        (self.park_at_of(&s), expire)
     }
 
     fn deadline_of(&self, s: &State) -> Option<(Instant, bool)> {

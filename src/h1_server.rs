@@ -175,8 +175,8 @@ where
             let park = loop {
                 // The earlier of parking and the idle deadline (`header_timeout` on a
                 // fresh connection, `idle_timeout` after an answer).
-                let park_at = if I::PARKS { track.park_at() } else { None };
-                let expire = track.read_deadline().map(|(at, _)| at);
+                let (park_at, expire) = track.idle_times();
+                let park_at = park_at.filter(|_| I::PARKS);
                 let at = match (park_at, expire) {
                     (Some(p), Some(e)) => p.min(e),
                     // Busy: look again later.
@@ -203,10 +203,11 @@ where
                     () = &mut look => {
                         look_fired = true;
                         let now = Instant::now();
-                        if track.read_deadline().is_some_and(|(at, _)| at <= now) {
+                        let (park_at, expire) = track.idle_times();
+                        if expire.is_some_and(|at| at <= now) {
                             return Ok(Exit::Closed);
                         }
-                        if I::PARKS && track.park_at().is_some_and(|at| at <= now) {
+                        if I::PARKS && park_at.is_some_and(|at| at <= now) {
                             break true;
                         }
                     }

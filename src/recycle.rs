@@ -188,10 +188,28 @@ pub fn with_names<R>(f: impl FnOnce(&mut Names) -> R) -> R {
     })
 }
 
+type Stack<T> = std::thread::LocalKey<RefCell<Vec<T>>>;
+
+/// The last item kept on this thread's `stack`, if any.
+fn pop<T: 'static>(stack: &'static Stack<T>) -> Option<T> {
+    stack.with(|s| s.try_borrow_mut().ok().and_then(|mut s| s.pop()))
+}
+
+/// Keeps `item` (already cleared) on this thread's `stack` if it holds fewer than
+/// `max`; else it is freed.
+fn push<T: 'static>(stack: &'static Stack<T>, item: T, max: usize) {
+    stack.with(|s| {
+        if let Ok(mut s) = s.try_borrow_mut() {
+            if s.len() < max {
+                s.push(item);
+            }
+        }
+    });
+}
+
 /// An empty map with room for `n` fields: a kept one if this thread has one.
 pub fn take(n: usize) -> HeaderMap {
-    let kept = SPARE.with(|s| s.try_borrow_mut().ok().and_then(|mut s| s.pop()));
-    match kept {
+    match pop(&SPARE) {
         Some(mut map) => {
             // Kept maps are empty; reserving within their capacity is free.
             map.reserve(n);
@@ -208,20 +226,13 @@ pub fn give(mut map: HeaderMap) {
         return;
     }
     map.clear();
-    SPARE.with(|s| {
-        if let Ok(mut s) = s.try_borrow_mut() {
-            if s.len() < KEEP {
-                s.push(map);
-            }
-        }
-    });
+    push(&SPARE, map, KEEP);
 }
 
 /// An empty output buffer: the one this worker's last answer used, if it gave it
 /// back.
 pub fn take_out() -> Vec<u8> {
-    OUT.with(|o| o.try_borrow_mut().ok().and_then(|mut o| o.pop()))
-        .unwrap_or_default()
+    pop(&OUT).unwrap_or_default()
 }
 
 /// Done with an output buffer: cleared and kept for the next [`take_out`] on this
@@ -232,13 +243,7 @@ pub fn give_out(mut out: Vec<u8>) {
         return;
     }
     out.clear();
-    OUT.with(|o| {
-        if let Ok(mut o) = o.try_borrow_mut() {
-            if o.len() < KEEP_OUT {
-                o.push(out);
-            }
-        }
-    });
+    push(&OUT, out, KEEP_OUT);
 }
 
 /// The `Host` value for `authority`: a kept one equal to it, else a new one (then
