@@ -35,8 +35,11 @@
 //!   pool's queue) cancels the request, which leaves the queue. On shutdown an idle
 //!   connection closes and a busy one closes after its answer (`connection: close`);
 //!   a connection is not told to stop before its first request (the head deadline
-//!   bounds it). An idle plain connection parks after [`crate::park::PARK_AFTER`]
-//!   and gives its buffers back.
+//!   bounds it). An idle plain connection parks after [`crate::park::PARK_AFTER`].
+//! - **No read buffer while idle.** Between requests the connection's empty read
+//!   buffer goes back to its worker, and the next bytes are read into the worker's
+//!   warm one ([`read_warm`], [`crate::recycle::take_in`]): in steady state all of a
+//!   worker's connections read into the same memory.
 //! - **Nothing is allocated per request by this loop** in steady state. The
 //!   request's header map comes from this worker's reused maps ([`crate::recycle`])
 //!   and the answer's goes back to them once encoded; the read buffer is reclaimed
@@ -170,8 +173,9 @@ where
                     }
                 }
             }
-            // Idle between requests.
-            buf.reserve(READ_CHUNK);
+            // Idle between requests: the empty buffer goes back to the worker, and the
+            // next bytes go to the worker's warm one ([`read_warm`]).
+            crate::recycle::give_in(std::mem::take(&mut buf));
             let park = loop {
                 // The earlier of parking and the idle deadline (`header_timeout` on a
                 // fresh connection, `idle_timeout` after an answer).
@@ -193,7 +197,7 @@ where
                 }
                 tokio::select! {
                     biased;
-                    n = io.read_buf(&mut buf) => {
+                    n = read_warm(io, &mut buf) => {
                         if n? == 0 {
                             return Ok(Exit::Closed);
                         }
@@ -214,8 +218,8 @@ where
                 }
             };
             if park {
-                // Idle long enough: give the buffers back and wait in the kernel.
-                buf = BytesMut::new();
+                // Idle long enough: wait in the kernel (the read buffer is the
+                // worker's already).
                 let _parked = Counted::new(parked);
                 match crate::park::wait(io, stop).await {
                     Wake::Readable => {}
@@ -259,6 +263,32 @@ where
             track.rescan(&buf);
         }
     }
+}
+
+/// `io.read_buf(buf)`, except that an idle connection holds no read buffer: when
+/// `buf` has none, this worker's warm one is taken for the read
+/// ([`crate::recycle::take_in`]), and given back while nothing has arrived. A
+/// buffer of the connection's own would be cold by its next request once the
+/// connections outnumber the cache.
+fn read_warm<'a, I>(
+    io: &'a mut ClientIo<I>,
+    buf: &'a mut BytesMut,
+) -> impl Future<Output = io::Result<usize>> + 'a
+where
+    I: AsyncRead + AsyncWrite + Parkable + Unpin,
+{
+    poll_fn(move |cx| {
+        if buf.capacity() == 0 {
+            *buf = crate::recycle::take_in();
+        }
+        // `read_buf`'s future keeps no state between polls: a fresh one per poll
+        // reads as the same one would.
+        let read = std::pin::pin!(io.read_buf(&mut *buf)).poll(cx);
+        if read.is_pending() && buf.is_empty() {
+            crate::recycle::give_in(std::mem::take(buf));
+        }
+        read
+    })
 }
 
 pin_project_lite::pin_project! {

@@ -31,6 +31,17 @@
 //! each of at most [`OUT_MAX_CAPACITY`] bytes, cleared (a kept buffer holds no
 //! answer's bytes: [`give_out`] clears it).
 //!
+//! Read buffers ([`take_in`], [`give_in`]): the same for the bytes a connection
+//! reads. The own loop reads a request's head into a buffer, parses it and drops
+//! the head with the request; between requests its buffer is empty. A buffer per
+//! connection is cold by that connection's next request (the kernel's copy into it,
+//! the buffer's shared count and its bookkeeping miss, once per request); instead an
+//! idle connection gives its empty buffer back and takes this worker's warm one
+//! when its next bytes arrive. A buffer is kept only if nothing else holds its
+//! bytes (a request's head still alive, say) and it is empty: [`give_in`] checks
+//! both, so a kept buffer holds no request's bytes and is whole again. At most
+//! [`KEEP_IN`] are kept, each of at most [`IN_MAX_CAPACITY`] bytes.
+//!
 //! Host values ([`host_value`]): a request in absolute form, and every HTTP/2
 //! request, names its host in the target's authority, which becomes the back end's
 //! `Host`. Each worker keeps the last [`HOST_SLOTS`] values it made, so that the
@@ -52,6 +63,7 @@
 
 use std::cell::RefCell;
 
+use bytes::BytesMut;
 use http::header::{HeaderName, HeaderValue, InvalidHeaderName};
 use http::HeaderMap;
 
@@ -68,6 +80,16 @@ pub const KEEP_OUT: usize = 8;
 /// answer's flush threshold (64 KiB) and a head.
 pub const OUT_MAX_CAPACITY: usize = 80 * 1024;
 
+/// Read buffers kept per thread: more than the connections of a worker that read
+/// at once in steady state (one, or a few whose heads came in pieces).
+pub const KEEP_IN: usize = 8;
+/// A read buffer is made with this much room (and asks for this much more when it
+/// fills up).
+pub const IN_CAPACITY: usize = 4096;
+/// A read buffer bigger than this (one that held a long head) is freed rather than
+/// kept.
+pub const IN_MAX_CAPACITY: usize = 64 * 1024;
+
 /// `Host` values kept per worker: the sites behind one balancer that are busy at
 /// once on one worker, give or take.
 pub const HOST_SLOTS: usize = 8;
@@ -82,6 +104,7 @@ thread_local! {
     static SPARE: RefCell<Vec<HeaderMap>> = const { RefCell::new(Vec::new()) };
     static NAMES: RefCell<Names> = RefCell::new(Names::new());
     static OUT: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
+    static IN: RefCell<Vec<BytesMut>> = const { RefCell::new(Vec::new()) };
     static HOSTS: RefCell<Hosts> = const { RefCell::new(Hosts { kept: Vec::new(), next: 0 }) };
 }
 
@@ -246,6 +269,28 @@ pub fn give_out(mut out: Vec<u8>) {
     push(&OUT, out, KEEP_OUT);
 }
 
+/// An empty read buffer with room for at least [`IN_CAPACITY`] bytes: the one this
+/// worker's last read used, if it was given back.
+pub fn take_in() -> BytesMut {
+    pop(&IN).unwrap_or_else(|| BytesMut::with_capacity(IN_CAPACITY))
+}
+
+/// Done with a read buffer for now: kept for the next [`take_in`] on this thread if
+/// it is empty, nothing else shares its bytes and it is of a kept size; else it is
+/// dropped (its memory freed once the last bytes sharing it go).
+pub fn give_in(mut buf: BytesMut) {
+    // `try_reclaim` succeeds only for a buffer whose allocation is this handle's
+    // alone, and then makes all of it room again without allocating.
+    if !buf.is_empty()
+        || buf.capacity() > IN_MAX_CAPACITY
+        || !buf.try_reclaim(IN_CAPACITY)
+        || buf.capacity() > IN_MAX_CAPACITY
+    {
+        return;
+    }
+    push(&IN, buf, KEEP_IN);
+}
+
 /// The `Host` value for `authority`: a kept one equal to it, else a new one (then
 /// kept in place of the oldest). `None` if it is not a valid header value.
 pub fn host_value(authority: &str) -> Option<HeaderValue> {
@@ -276,6 +321,12 @@ pub fn host_value(authority: &str) -> Option<HeaderValue> {
 #[cfg(test)]
 fn kept_out() -> usize {
     OUT.with(|o| o.borrow().len())
+}
+
+/// Read buffers this thread keeps now.
+#[cfg(test)]
+fn kept_in() -> usize {
+    IN.with(|o| o.borrow().len())
 }
 
 /// Maps this thread keeps now.
@@ -417,6 +468,55 @@ mod tests {
         }
         give_out(Vec::with_capacity(OUT_MAX_CAPACITY + 1));
         assert_eq!(kept_out(), 0, "a huge buffer is freed");
+    }
+
+    #[test]
+    fn a_read_buffer_is_kept_only_whole_and_unshared() {
+        let mut buf = take_in();
+        assert!(buf.capacity() >= IN_CAPACITY);
+        buf.extend_from_slice(b"GET / HTTP/1.1\r\nhost: a\r\n\r\n");
+        // The request's head, split off as the own loop does, still alive.
+        let head = buf.split().freeze();
+        give_in(buf);
+        assert_eq!(
+            kept_in(),
+            0,
+            "a buffer whose bytes a head holds is not kept"
+        );
+
+        let mut buf = take_in();
+        buf.extend_from_slice(b"GET /next HTTP/1.1\r\n");
+        let head2 = buf.split_to(4).freeze();
+        drop(head2);
+        give_in(buf);
+        assert_eq!(
+            kept_in(),
+            0,
+            "a buffer holding bytes (a partial head) is not kept"
+        );
+        drop(head);
+
+        let mut buf = take_in();
+        let at = buf.as_ptr();
+        buf.extend_from_slice(b"GET / HTTP/1.1\r\n\r\n");
+        let head = buf.split().freeze();
+        drop(head);
+        give_in(buf);
+        assert_eq!(kept_in(), 1);
+        // The next read on this thread goes to the same memory, whole again.
+        let again = take_in();
+        assert!(again.is_empty());
+        assert!(again.capacity() >= IN_CAPACITY);
+        assert_eq!(again.as_ptr(), at);
+        for _ in 0..KEEP_IN + 3 {
+            give_in(BytesMut::with_capacity(IN_CAPACITY));
+        }
+        assert_eq!(kept_in(), KEEP_IN);
+        while kept_in() > 0 {
+            take_in();
+        }
+        give_in(BytesMut::with_capacity(IN_MAX_CAPACITY + 1));
+        assert_eq!(kept_in(), 0, "a huge buffer is freed");
     }
 
     #[test]
