@@ -173,9 +173,9 @@ where
                     }
                 }
             }
-            // Idle between requests: the empty buffer goes back to the worker, and the
-            // next bytes go to the worker's warm one ([`read_warm`]).
-            crate::recycle::give_in(std::mem::take(&mut buf));
+            // Idle between requests: once nothing is there to read, the empty buffer
+            // goes back to the worker, and the next bytes go to the worker's warm one
+            // ([`read_warm`]).
             let park = loop {
                 // The earlier of parking and the idle deadline (`header_timeout` on a
                 // fresh connection, `idle_timeout` after an answer).
