@@ -1,16 +1,26 @@
 #!/usr/bin/env python3
 """Memory with idle keep-alive connections (issue 9).
 
-    benches/idle_conns.py HOST PORT N PID [PID...]
+    benches/idle_conns.py [--tls] HOST PORT N PID [PID...]
 
-Opens N keep-alive connections to HOST:PORT, sends one GET on each and reads its
+Opens N keep-alive connections (over TLS with --tls: HTTP/1.1, the server's
+certificate not checked, loopback only) to HOST:PORT, sends one GET on each and reads its
 answer, so every connection has served a request and sits idle, then prints the
 RSS of each PID (the server's processes) and closes everything. Loopback only.
 """
 import asyncio
 import os
 import resource
+import ssl
 import sys
+
+TLS = None
+if len(sys.argv) > 1 and sys.argv[1] == "--tls":
+    sys.argv.pop(1)
+    TLS = ssl.create_default_context()
+    TLS.check_hostname = False
+    TLS.verify_mode = ssl.CERT_NONE
+    TLS.set_alpn_protocols(["http/1.1"])
 
 
 def rss_kib(pid):
@@ -23,7 +33,7 @@ def rss_kib(pid):
 
 async def one(host, port, sem, conns):
     async with sem:
-        r, w = await asyncio.wait_for(asyncio.open_connection(host, port), 10)
+        r, w = await asyncio.wait_for(asyncio.open_connection(host, port, ssl=TLS), 10)
         w.write(f"GET / HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
         await w.drain()
         head = await asyncio.wait_for(r.readuntil(b"\r\n\r\n"), 10)
