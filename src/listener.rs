@@ -198,18 +198,37 @@ pub async fn serve(
         let open = Counted::new(&counts.open);
         let stop = stop.clone();
         let parked = counts.parked.clone();
-        tokio::spawn(async move {
-            let _open = open;
-            let conn = Conn {
-                proxy,
-                watcher,
-                stop,
-                parked,
-            };
-            if let Err(e) = connection(stream, peer, &opts, conn).await {
-                tracing::debug!(%peer, error = %e, "client connection ended");
-            }
-        });
+        let conn = Conn {
+            proxy,
+            watcher,
+            stop,
+            parked,
+        };
+        // A task per connection, of one of two kinds: a plain connection's task has
+        // no room for TLS's larger state (the handshake, rustls's session, HTTP/2),
+        // and a TLS connection's none for the plain path's (an idle connection's
+        // memory is mostly its task). The connection's future is made inside its
+        // task: moved in, it would take its room twice.
+        match opts.tls.clone() {
+            None => tokio::spawn(async move {
+                let _open = open;
+                ended(peer, plain_connection(stream, peer, opts, conn).await);
+            }),
+            Some(acceptor) => tokio::spawn(async move {
+                let _open = open;
+                ended(
+                    peer,
+                    tls_connection(stream, peer, opts, acceptor, conn).await,
+                );
+            }),
+        };
+    }
+}
+
+/// How a connection ended, for the debug log.
+fn ended(peer: SocketAddr, result: Result<(), ConnError>) {
+    if let Err(e) = result {
+        tracing::debug!(%peer, error = %e, "client connection ended");
     }
 }
 
@@ -257,12 +276,15 @@ struct Conn {
     parked: prometheus::IntGauge,
 }
 
-async fn connection(
+/// A connection's setup, the same on plain and TLS listeners: the PROXY protocol
+/// header where the listener expects one, then who the client is. Returns the
+/// stream, what to forward about the client, the limits and the deadlines.
+async fn setup(
     mut stream: TcpStream,
     mut peer: SocketAddr,
     opts: &ServeOptions,
-    conn: Conn,
-) -> Result<(), ConnError> {
+    conn: &Conn,
+) -> Result<(TcpStream, Forwarded, LimitsSpec, Deadlines), ConnError> {
     // One config for the whole setup of the connection.
     let live = conn.proxy.live();
     let limits = live.snapshot.limits.clone();
@@ -301,28 +323,34 @@ async fn connection(
         track: None,
     };
     let deadlines = Deadlines::from_limits(&limits);
-    let Some(acceptor) = &opts.tls else {
-        let errors = Some(Arc::clone(conn.proxy.unrouted()));
-        let io = ClientIo::new(stream, Track::counting(deadlines, errors));
-        return serve_http1(io, fwd, &limits, conn).await;
-    };
-    // Boxed: a plain connection's task has no room for TLS's larger state (the
-    // handshake, rustls's session, HTTP/2).
-    Box::pin(tls_connection(
-        stream, acceptor, fwd, limits, deadlines, conn,
-    ))
-    .await
+    Ok((stream, fwd, limits, deadlines))
 }
 
-/// The TLS handshake, then HTTP/2 or HTTP/1.1 by ALPN.
-async fn tls_connection(
+/// A connection on a plain listener: HTTP/1.1.
+async fn plain_connection(
     stream: TcpStream,
-    acceptor: &TlsAcceptor,
-    mut fwd: Forwarded,
-    limits: LimitsSpec,
-    deadlines: Deadlines,
+    peer: SocketAddr,
+    opts: Arc<ServeOptions>,
     conn: Conn,
 ) -> Result<(), ConnError> {
+    let (stream, fwd, limits, deadlines) = setup(stream, peer, &opts, &conn).await?;
+    drop(opts);
+    let errors = Some(Arc::clone(conn.proxy.unrouted()));
+    let io = ClientIo::new(stream, Track::counting(deadlines, errors));
+    serve_http1(io, fwd, &limits, conn).await
+}
+
+/// A connection on a TLS listener: the TLS handshake, then HTTP/2 or HTTP/1.1 by
+/// ALPN.
+async fn tls_connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    opts: Arc<ServeOptions>,
+    acceptor: TlsAcceptor,
+    conn: Conn,
+) -> Result<(), ConnError> {
+    let (stream, mut fwd, limits, deadlines) = setup(stream, peer, &opts, &conn).await?;
+    drop(opts);
     let tls = match tokio::time::timeout(limits.header_timeout, acceptor.accept(stream)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => return Err(ConnError::Handshake(e)),
