@@ -1,10 +1,10 @@
 #!/usr/bin/env python3
 """Memory with idle keep-alive connections (issue 9).
 
-    benches/idle_conns.py [--tls] HOST PORT N PID [PID...]
+    benches/idle_conns.py [--tls | --h2] HOST PORT N PID [PID...]
 
-Opens N keep-alive connections (over TLS with --tls: HTTP/1.1, the server's
-certificate not checked, loopback only) to HOST:PORT, sends one GET on each and reads its
+Opens N keep-alive connections (over TLS with --tls: HTTP/1.1; with --h2: HTTP/2
+over TLS, one stream each; the server's certificate not checked, loopback only) to HOST:PORT, sends one GET on each and reads its
 answer, so every connection has served a request and sits idle, then prints the
 RSS of each PID (the server's processes) and closes everything. Loopback only.
 """
@@ -15,12 +15,37 @@ import ssl
 import sys
 
 TLS = None
-if len(sys.argv) > 1 and sys.argv[1] == "--tls":
-    sys.argv.pop(1)
+H2 = False
+if len(sys.argv) > 1 and sys.argv[1] in ("--tls", "--h2"):
+    H2 = sys.argv.pop(1) == "--h2"
     TLS = ssl.create_default_context()
     TLS.check_hostname = False
     TLS.verify_mode = ssl.CERT_NONE
-    TLS.set_alpn_protocols(["http/1.1"])
+    TLS.set_alpn_protocols(["h2" if H2 else "http/1.1"])
+
+
+def frame(kind, flags, stream, payload=b""):
+    return len(payload).to_bytes(3, "big") + bytes([kind, flags]) + stream.to_bytes(4, "big") + payload
+
+
+async def get_h2(r, w, host):
+    """One GET on stream 1, read until its end; the server's SETTINGS acknowledged."""
+    # HPACK: :method GET, :scheme https, :path / (static table), :authority literal.
+    block = b"\x82\x87\x84\x41" + bytes([len(host)]) + host.encode()
+    w.write(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + frame(4, 0, 0) + frame(1, 0x5, 1, block))
+    await w.drain()
+    while True:
+        head = await asyncio.wait_for(r.readexactly(9), 10)
+        length, kind, flags = int.from_bytes(head[:3], "big"), head[3], head[4]
+        stream = int.from_bytes(head[5:9], "big") & 0x7FFFFFFF
+        await asyncio.wait_for(r.readexactly(length), 10)
+        if kind == 4 and not flags & 1:
+            w.write(frame(4, 1, 0))
+            await w.drain()
+        if kind == 7:
+            raise RuntimeError("GOAWAY")
+        if stream == 1 and kind in (0, 1) and flags & 1:
+            return
 
 
 def rss_kib(pid):
@@ -34,6 +59,10 @@ def rss_kib(pid):
 async def one(host, port, sem, conns):
     async with sem:
         r, w = await asyncio.wait_for(asyncio.open_connection(host, port, ssl=TLS), 10)
+        if H2:
+            await get_h2(r, w, host)
+            conns.append((r, w))
+            return
         w.write(f"GET / HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
         await w.drain()
         head = await asyncio.wait_for(r.readuntil(b"\r\n\r\n"), 10)
