@@ -32,17 +32,20 @@
 //! - Bytes are written in the order they were accepted; a write error is returned by
 //!   the next read, write, flush or shutdown.
 //! - At most [`LIMIT`] bytes (plus one write's worth) are held per connection, and
-//!   the buffer is released when the connection is idle.
-
-use std::io;
-use std::pin::Pin;
-use std::task::{ready, Context, Poll};
+//!   the buffer is released when the connection is idle: with [`Coalesce::releasing`],
+//!   given back to the worker's stack of output buffers (no request in flight, all
+//!   output written, nothing to read), so an idle connection holds none.
 
 use std::future::Future;
+use std::io;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
+use std::task::{ready, Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use crate::conn::Track;
 
 /// Runs an HTTP/2 stream's future once inline, then as a task if it is not done.
 #[derive(Debug, Clone, Copy, Default)]
@@ -111,6 +114,9 @@ pub struct Coalesce<I> {
     /// The last write found the socket full: its writability will wake the task, so
     /// a deferred flush must not wake it again (that would spin).
     blocked: bool,
+    /// The connection's state: with no request in flight, no output pending and
+    /// nothing to read, the buffer goes back to the worker ([`Coalesce::releasing`]).
+    idle: Option<Arc<Track>>,
 }
 
 impl<I> Coalesce<I> {
@@ -122,7 +128,19 @@ impl<I> Coalesce<I> {
             buf: Vec::new(),
             pos: 0,
             blocked: false,
+            idle: None,
         }
+    }
+
+    /// Gives the output buffer back to the worker ([`crate::recycle::give_out`])
+    /// whenever the connection is idle: no request in flight on `track`, all output
+    /// written, and a read finding nothing. Its next output takes one from the
+    /// worker again. An idle connection then holds no output buffer; a busy one
+    /// keeps its own (its output waits for its next turn, so busy connections
+    /// sharing a few buffers would run out of them).
+    pub fn releasing(mut self, track: Arc<Track>) -> Self {
+        self.idle = Some(track);
+        self
     }
 }
 
@@ -185,6 +203,9 @@ impl<I: AsyncWrite + Unpin> Coalesce<I> {
         }
         if self.pending() == 0 {
             self.since = self.turn.now();
+            if self.buf.capacity() == 0 && self.idle.is_some() {
+                self.buf = crate::recycle::take_out();
+            }
         }
         put(&mut self.buf);
         Poll::Ready(Ok(n))
@@ -200,7 +221,21 @@ impl<I: AsyncRead + AsyncWrite + Unpin> AsyncRead for Coalesce<I> {
         let this = self.get_mut();
         // An earlier turn's output goes first; with the socket full, the read goes on.
         this.drain_stale(cx)?;
-        Pin::new(&mut this.io).poll_read(cx, buf)
+        let read = Pin::new(&mut this.io).poll_read(cx, buf);
+        if read.is_pending()
+            && this.pending() == 0
+            && this.buf.capacity() > 0
+            && this
+                .idle
+                .as_ref()
+                .is_some_and(|track| track.idle_since().is_some())
+        {
+            let out = std::mem::take(&mut this.buf);
+            if out.capacity() <= LIMIT {
+                crate::recycle::give_out(out);
+            }
+        }
+        read
     }
 }
 
@@ -427,5 +462,41 @@ mod tests {
         assert!(read(&mut c, &mut cx).is_pending());
         assert_eq!(c.io.writes.concat().len(), LIMIT);
         assert_eq!(c.pending(), 0);
+    }
+
+    #[test]
+    fn an_idle_connection_gives_its_buffer_back_and_takes_one_for_more_output() {
+        let (_, w) = waker();
+        let mut cx = Context::from_waker(&w);
+        let turn = Turn::default();
+        let track = Track::new(crate::conn::Deadlines {
+            header_timeout: std::time::Duration::from_secs(10),
+            idle_timeout: std::time::Duration::from_secs(60),
+            park_after: std::time::Duration::from_secs(3600),
+        });
+        let mut c = Coalesce::new(Mock::default(), turn.clone()).releasing(Arc::clone(&track));
+        track.begin();
+        write(&mut c, &mut cx, b"HEADERS1");
+        turn.advance();
+        // Written, but a request is still in flight: the buffer stays.
+        assert!(read(&mut c, &mut cx).is_pending());
+        assert_eq!(c.io.writes, [b"HEADERS1".to_vec()]);
+        assert!(c.buf.capacity() > 0);
+        write(&mut c, &mut cx, b"DATA1");
+        track.end();
+        // Output pending: kept until it is written.
+        assert!(read(&mut c, &mut cx).is_pending());
+        assert!(c.buf.capacity() > 0);
+        turn.advance();
+        assert!(read(&mut c, &mut cx).is_pending());
+        assert_eq!(c.io.writes, [b"HEADERS1".to_vec(), b"DATA1".to_vec()]);
+        assert_eq!(c.buf.capacity(), 0, "idle and written: given back");
+        // The next answer takes a buffer again and goes out whole.
+        track.begin();
+        write(&mut c, &mut cx, b"HEADERS3");
+        write(&mut c, &mut cx, b"DATA3");
+        turn.advance();
+        assert!(read(&mut c, &mut cx).is_pending());
+        assert_eq!(c.io.writes[2], b"HEADERS3DATA3".to_vec());
     }
 }

@@ -426,7 +426,10 @@ where
         .initial_stream_window_size(h2_limits::INITIAL_STREAM_WINDOW)
         .initial_connection_window_size(h2_limits::INITIAL_CONNECTION_WINDOW)
         .max_send_buf_size(h2_limits::MAX_SEND_BUF_SIZE)
-        .serve_connection(TokioIo::new(Coalesce::new(io, turn.clone())), svc);
+        .serve_connection(
+            TokioIo::new(Coalesce::new(io, turn.clone()).releasing(Arc::clone(&track))),
+            svc,
+        );
     tokio::pin!(conn);
     let idle = limits.idle_timeout;
     let mut draining = false;
