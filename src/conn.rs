@@ -574,11 +574,17 @@ impl<I: AsyncRead + AsyncWrite + Unpin> ClientIo<I> {
     /// client is about to be cut off either way).
     pub(crate) async fn request_timeout(&mut self) {
         std::future::poll_fn(|cx| {
-            let _ = Pin::new(&mut self.io).poll_write(cx, REQUEST_TIMEOUT);
-            let _ = Pin::new(&mut self.io).poll_flush(cx);
+            self.send_408(cx);
             Poll::Ready(())
         })
         .await;
+    }
+
+    /// Writes `408 Request Timeout` as far as the socket takes it at once (best
+    /// effort: the client is about to be cut off either way).
+    fn send_408(&mut self, cx: &mut Context<'_>) {
+        let _ = Pin::new(&mut self.io).poll_write(cx, REQUEST_TIMEOUT);
+        let _ = Pin::new(&mut self.io).poll_flush(cx);
     }
 
     /// Called when a read would block. `Ready(true)`: the deadline passed, end the
@@ -598,9 +604,7 @@ impl<I: AsyncRead + AsyncWrite + Unpin> ClientIo<I> {
             let now = Instant::now();
             if now >= deadline {
                 if answer {
-                    // Best effort: the client is about to be cut off either way.
-                    let _ = Pin::new(&mut self.io).poll_write(cx, REQUEST_TIMEOUT);
-                    let _ = Pin::new(&mut self.io).poll_flush(cx);
+                    self.send_408(cx);
                 }
                 return Poll::Ready(true);
             }
