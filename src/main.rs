@@ -93,8 +93,12 @@ fn check(path: &Path) -> ExitCode {
 /// One multi-thread runtime with `threads` workers and the config's scheduling
 /// policy (`launchday::sched`: tokio's default, or fair rounds for a bounded tail at
 /// many busy connections; BENCHMARKS.md, "Scheduling").
-fn runtime(threads: usize, scheduling: Scheduling) -> anyhow::Result<tokio::runtime::Runtime> {
-    launchday::sched::runtime(threads, scheduling).context("starting the runtime")
+fn runtime(
+    threads: usize,
+    scheduling: Scheduling,
+    busy_poll: Duration,
+) -> anyhow::Result<tokio::runtime::Runtime> {
+    launchday::sched::runtime(threads, scheduling, busy_poll).context("starting the runtime")
 }
 
 fn load(path: &Path) -> anyhow::Result<Snapshot> {
@@ -120,7 +124,7 @@ fn run(path: &Path, upgrade: bool) -> anyhow::Result<()> {
     } else {
         None
     };
-    runtime(snapshot.threads, snapshot.scheduling)?.block_on(serve(
+    runtime(snapshot.threads, snapshot.scheduling, snapshot.busy_poll)?.block_on(serve(
         snapshot,
         Some(path.to_path_buf()),
         handover,
@@ -129,7 +133,7 @@ fn run(path: &Path, upgrade: bool) -> anyhow::Result<()> {
 
 fn demo(port: u16, admin_port: u16) -> anyhow::Result<()> {
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    runtime(threads, Scheduling::default())?.block_on(async move {
+    runtime(threads, Scheduling::default(), Duration::ZERO)?.block_on(async move {
         let any = "[::1]:0".parse().context("address")?;
         let mut addrs = Vec::new();
         for b in launchday::demo::backends() {

@@ -357,13 +357,18 @@ impl Server {
             &mut Inherited::new(),
         )?;
         let running = &self.proxy.live().snapshot;
-        if running.threads != snapshot.threads || running.scheduling != snapshot.scheduling {
+        if running.threads != snapshot.threads
+            || running.scheduling != snapshot.scheduling
+            || running.busy_poll != snapshot.busy_poll
+        {
             // The runtime is built once (crate::sched): these wait for a restart or
             // `run --upgrade`; everything else in the snapshot applies now.
             tracing::warn!(
                 threads = snapshot.threads,
                 scheduling = ?snapshot.scheduling,
-                "threads and scheduling apply at the next start (or `run --upgrade`), not on reload"
+                busy_poll = ?snapshot.busy_poll,
+                "threads, scheduling and busy_poll apply at the next start (or `run --upgrade`), \
+                 not on reload"
             );
         }
         let snapshot = Arc::new(snapshot);

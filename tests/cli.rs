@@ -287,3 +287,70 @@ async fn fair_scheduling_serves_concurrent_clients_and_reload_keeps_the_policy()
         .unwrap_or_else(|| panic!("no exit 5 s after SIGTERM:\n{}", run.log()));
     assert_eq!(status.code(), Some(0), "{status}:\n{}", run.log());
 }
+
+/// CPU time (user + system) of process `pid` so far, from `/proc`.
+fn cpu_of(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("/proc/PID/stat");
+    let rest = &stat[stat.rfind(')').expect("comm") + 2..];
+    let ticks: u64 = rest
+        .split(' ')
+        .skip(11)
+        .take(2)
+        .map(|v| v.parse::<u64>().expect("ticks"))
+        .sum();
+    // USER_HZ is 100 on Linux with glibc.
+    Duration::from_millis(ticks * 10)
+}
+
+/// `busy_poll` with two workers: concurrent keep-alive clients are all served, an
+/// idle balancer goes back to sleep (its spinners stop after their limit), and
+/// SIGTERM still ends it promptly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn busy_polling_serves_clients_and_sleeps_when_idle() {
+    let web = Backend::start("web").await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("launchday.toml");
+    let (v4, v6, admin) = free_fronts();
+    let config = format!(
+        "busy_poll = \"200us\"\n{}",
+        cli_config(v4, v6, admin, &web, "one").replace("threads = 1", "threads = 2")
+    );
+    let mut run = start(&path, &config, [v4, v6, admin]).await;
+
+    let mut clients = Vec::new();
+    for i in 0..20 {
+        let front = if i % 2 == 0 { v4 } else { v6 };
+        clients.push(tokio::spawn(async move {
+            let mut c = Client::connect(front).await;
+            for n in 0..5 {
+                let r = c.get(&format!("/c{i}/r{n}")).await;
+                assert_eq!(r.status, StatusCode::OK);
+                assert_eq!(r.text(), "served by web\n");
+            }
+        }));
+    }
+    for c in clients {
+        tokio::time::timeout(Duration::from_secs(10), c)
+            .await
+            .expect("clients done within 10 s")
+            .expect("client task");
+    }
+    assert_eq!(web.count(), 100);
+
+    // Idle: two spinners that never stopped would take ~2 s of CPU in this second.
+    let pid = run.child.id();
+    let before = cpu_of(pid);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let spent = cpu_of(pid) - before;
+    assert!(
+        spent < Duration::from_millis(300),
+        "{spent:?} of CPU in an idle second:\n{}",
+        run.log()
+    );
+
+    run.signal("TERM");
+    let status = run
+        .wait_exit(Duration::from_secs(5))
+        .unwrap_or_else(|| panic!("no exit 5 s after SIGTERM:\n{}", run.log()));
+    assert_eq!(status.code(), Some(0), "{status}:\n{}", run.log());
+}

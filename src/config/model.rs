@@ -28,6 +28,10 @@ pub struct RootConfig {
     /// ready connections (see [`crate::sched`]); read at start only. Default
     /// `"throughput"`.
     pub scheduling: Option<String>,
+    /// `busy_poll`: how long a worker that ran out of work keeps polling for I/O
+    /// before it sleeps (humantime, at most 10ms; see [`crate::sched`]); read at
+    /// start only. Default `"0s"` (off).
+    pub busy_poll: Option<String>,
     /// `allow_ipv4_backends`: permit back ends with IPv4 addresses. Default `false`.
     pub allow_ipv4_backends: Option<bool>,
     /// `upgrade_socket`: Unix socket path on which a running instance hands its

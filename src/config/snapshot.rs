@@ -27,6 +27,9 @@ pub struct Snapshot {
     /// The runtime's scheduling policy (`scheduling`, default throughput); only the
     /// value at start counts.
     pub scheduling: crate::sched::Scheduling,
+    /// How long a worker out of work keeps polling for I/O before it sleeps
+    /// (`busy_poll`, zero: off); only the value at start counts.
+    pub busy_poll: Duration,
     /// Whether back ends may have IPv4 addresses.
     pub allow_ipv4_backends: bool,
     /// Unix socket for zero-downtime binary upgrades.

@@ -57,6 +57,22 @@ pub fn validate(
             Scheduling::default()
         }),
     };
+    let busy_poll = fields::duration(
+        e,
+        "busy_poll",
+        raw.busy_poll.as_deref(),
+        Duration::ZERO,
+        Zero::Allowed,
+    );
+    let busy_poll = if busy_poll > crate::sched::MAX_BUSY_POLL {
+        e.push(
+            ConfigError::new("busy_poll", format!("{busy_poll:?} is more than 10ms"))
+                .with_hint("50us to 200us bridges a busy worker's pauses; \"0s\" turns it off"),
+        );
+        Duration::ZERO
+    } else {
+        busy_poll
+    };
     let allow_ipv4_backends = raw.allow_ipv4_backends.unwrap_or(false);
     let upgrade_socket = match raw.upgrade_socket.as_deref() {
         None => PathBuf::from(DEFAULT_UPGRADE_SOCKET),
@@ -99,6 +115,7 @@ pub fn validate(
         shutdown_grace,
         threads,
         scheduling,
+        busy_poll,
         allow_ipv4_backends,
         upgrade_socket,
         trusted_proxies,
@@ -431,16 +448,18 @@ mod tests {
         assert_eq!(s.limits.header_timeout, Duration::from_secs(10));
         assert_eq!(s.limits.idle_timeout, Duration::from_secs(60));
         assert_eq!(s.scheduling, Scheduling::Throughput);
+        assert_eq!(s.busy_poll, Duration::ZERO);
     }
 
     #[test]
     fn top_level_values_are_parsed() {
-        let top = "shutdown_grace = \"1m 30s\"\nthreads = 3\nscheduling = \"fair\"\nallow_ipv4_backends = true\n\
+        let top = "shutdown_grace = \"1m 30s\"\nthreads = 3\nscheduling = \"fair\"\nbusy_poll = \"150us\"\nallow_ipv4_backends = true\n\
                    trusted_proxies = [\"10.1.2.3/8\", \"2001:db8::1\"]\n";
         let s = valid(&format!("{top}{LISTENER}{ROUTE}{POOL}"));
         assert_eq!(s.shutdown_grace, Duration::from_secs(90));
         assert_eq!(s.threads, 3);
         assert_eq!(s.scheduling, Scheduling::Fair);
+        assert_eq!(s.busy_poll, Duration::from_micros(150));
         assert!(s.allow_ipv4_backends);
         let proxies: Vec<String> = s.trusted_proxies.iter().map(ToString::to_string).collect();
         assert_eq!(proxies, ["10.0.0.0/8", "2001:db8::1/128"]);
@@ -448,13 +467,15 @@ mod tests {
 
     #[test]
     fn bad_top_level_values_are_reported_at_their_keys() {
-        let top = "shutdown_grace = \"soon\"\nthreads = 0\nscheduling = \"fifo\"\ntrusted_proxies = [\"::1\", \"10.0.0.0/33\"]\n";
+        let top = "shutdown_grace = \"soon\"\nthreads = 0\nscheduling = \"fifo\"\nbusy_poll = \"20ms\"\ntrusted_proxies = [\"::1\", \"10.0.0.0/33\"]\n";
         assert_eq!(
             errors(&format!("{top}{LISTENER}{ROUTE}{POOL}")),
             [
                 "shutdown_grace: \"soon\" is not a duration (use e.g. \"2s\", \"500ms\")",
                 "threads: 0 is less than 1",
                 "scheduling: unknown policy \"fifo\" (use \"throughput\" (the default) or \"fair\")",
+                "busy_poll: 20ms is more than 10ms (50us to 200us bridges a busy worker's pauses; \
+                 \"0s\" turns it off)",
                 "trusted_proxies[1]: \"10.0.0.0/33\" is not an IP network (use a CIDR such as \
                  \"2001:db8::/32\" or a bare IP such as \"10.0.0.1\")",
             ]
