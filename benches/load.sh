@@ -6,6 +6,7 @@
 #   benches/load.sh [SCENARIO...]        default: maint proxy tls-maint tls-proxy
 #   DUR=5 ROUNDS=1 CONCS=64 benches/load.sh proxy      # a quick look
 #   SCHEDULING=fair benches/load.sh maint               # launchday with `scheduling = "fair"`
+#   BUSY_POLL=100us benches/load.sh tls-maint           # launchday with `busy_poll = "100us"`
 #
 # Needs Debian's nginx haproxy wrk nghttp2-client (installed here when missing).
 # Builds the release binary first; the driver then waits for a quiet machine.
@@ -17,13 +18,18 @@ for p in nginx haproxy wrk nghttp2-client; do dpkg -s "$p" >/dev/null 2>&1 || ne
 if ((${#need[@]})); then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}"; fi
 (cd "$ROOT" && cargo build --release ${LAUNCHDAY_FEATURES:+--features "$LAUNCHDAY_FEATURES"})
 B=${LAUNCHDAY_BIN:-$ROOT/target/release/launchday}
-if [[ -n ${SCHEDULING:-} ]]; then
-  # The harness writes the config; put the top-level key in front of its tables.
+if [[ -n ${SCHEDULING:-} || -n ${BUSY_POLL:-} ]]; then
+  # The harness writes the config; put the top-level keys in front of its tables.
   W=$(mktemp /tmp/launchday-sched.XXXXXX)
-  printf '#!/bin/sh\nsed -i "1i scheduling = \\"%s\\"" "$3"\nexec %q "$@"\n' "$SCHEDULING" "$B" >"$W"
+  {
+    printf '#!/bin/sh\n'
+    [[ -n ${SCHEDULING:-} ]] && printf 'sed -i "1i scheduling = \\"%s\\"" "$3"\n' "$SCHEDULING"
+    [[ -n ${BUSY_POLL:-} ]] && printf 'sed -i "1i busy_poll = \\"%s\\"" "$3"\n' "$BUSY_POLL"
+    printf 'exec %q "$@"\n' "$B"
+  } >"$W"
   chmod +x "$W"
   B=$W
-  export CAND_NAME="launchday-$SCHEDULING"
+  export CAND_NAME="launchday${SCHEDULING:+-$SCHEDULING}${BUSY_POLL:+-bp$BUSY_POLL}"
 fi
 C=$(realpath "$BENCH/launchday-cand.sh")
 export CAND_NAME=${CAND_NAME:-launchday}
