@@ -254,6 +254,45 @@ mod tests {
     }
 
     #[test]
+    fn every_worker_of_a_busy_polling_runtime_stays_awake_between_close_tasks() {
+        let rt = runtime(2, Scheduling::Throughput, MAX_BUSY_POLL).expect("runtime");
+        spaced_tasks(&rt, 20, Duration::ZERO);
+        let parks = |rt: &tokio::runtime::Runtime| {
+            let m = rt.metrics();
+            m.worker_park_count(0) + m.worker_park_count(1)
+        };
+        let before = parks(&rt);
+        spaced_tasks(&rt, 50, Duration::from_millis(1));
+        let parked = parks(&rt) - before;
+        assert!(
+            parked <= 10,
+            "{parked} parks of two workers in 50 tasks 1ms apart"
+        );
+    }
+
+    #[test]
+    fn both_workers_spin_again_after_idle_pauses() {
+        let rt = runtime(2, Scheduling::Throughput, Duration::from_millis(5)).expect("runtime");
+        let parks = |rt: &tokio::runtime::Runtime| {
+            let m = rt.metrics();
+            m.worker_park_count(0) + m.worker_park_count(1)
+        };
+        let mut parked = 0;
+        for _ in 0..5 {
+            std::thread::sleep(Duration::from_millis(20));
+            // The first tasks wake the workers up and their spinners with them.
+            spaced_tasks(&rt, 5, Duration::ZERO);
+            let before = parks(&rt);
+            spaced_tasks(&rt, 20, Duration::from_millis(1));
+            parked += parks(&rt) - before;
+        }
+        assert!(
+            parked <= 10,
+            "{parked} parks of two workers in 100 tasks 1ms apart"
+        );
+    }
+
+    #[test]
     fn a_busy_polling_worker_sleeps_once_idle_for_its_limit() {
         let rt = runtime(1, Scheduling::Throughput, Duration::from_millis(2)).expect("runtime");
         spaced_tasks(&rt, 3, Duration::ZERO);
