@@ -220,8 +220,10 @@ mod tests {
         Duration::from_millis((f[0] + f[1]) * 10)
     }
 
+    /// How many times the runtime's workers have gone to sleep, all together.
     fn park_count(rt: &tokio::runtime::Runtime) -> u64 {
-        rt.metrics().worker_park_count(0)
+        let m = rt.metrics();
+        (0..m.num_workers()).map(|w| m.worker_park_count(w)).sum()
     }
 
     /// Spawns `n` tasks from outside the runtime, `gap` apart, and waits for each.
@@ -257,13 +259,9 @@ mod tests {
     fn every_worker_of_a_busy_polling_runtime_stays_awake_between_close_tasks() {
         let rt = runtime(2, Scheduling::Throughput, MAX_BUSY_POLL).expect("runtime");
         spaced_tasks(&rt, 20, Duration::ZERO);
-        let parks = |rt: &tokio::runtime::Runtime| {
-            let m = rt.metrics();
-            m.worker_park_count(0) + m.worker_park_count(1)
-        };
-        let before = parks(&rt);
+        let before = park_count(&rt);
         spaced_tasks(&rt, 50, Duration::from_millis(1));
-        let parked = parks(&rt) - before;
+        let parked = park_count(&rt) - before;
         assert!(
             parked <= 10,
             "{parked} parks of two workers in 50 tasks 1ms apart"
@@ -273,18 +271,14 @@ mod tests {
     #[test]
     fn both_workers_spin_again_after_idle_pauses() {
         let rt = runtime(2, Scheduling::Throughput, Duration::from_millis(5)).expect("runtime");
-        let parks = |rt: &tokio::runtime::Runtime| {
-            let m = rt.metrics();
-            m.worker_park_count(0) + m.worker_park_count(1)
-        };
         let mut parked = 0;
         for _ in 0..5 {
             std::thread::sleep(Duration::from_millis(20));
             // The first tasks wake the workers up and their spinners with them.
             spaced_tasks(&rt, 5, Duration::ZERO);
-            let before = parks(&rt);
+            let before = park_count(&rt);
             spaced_tasks(&rt, 20, Duration::from_millis(1));
-            parked += parks(&rt) - before;
+            parked += park_count(&rt) - before;
         }
         assert!(
             parked <= 10,

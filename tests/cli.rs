@@ -29,6 +29,15 @@ impl Running {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// SIGTERM, then an exit with status 0 within 5 s.
+    fn terminate(&mut self) {
+        self.signal("TERM");
+        let status = self
+            .wait_exit(Duration::from_secs(5))
+            .unwrap_or_else(|| panic!("no exit 5 s after SIGTERM:\n{}", self.log()));
+        assert_eq!(status.code(), Some(0), "{status}:\n{}", self.log());
+    }
+
     fn signal(&self, sig: &str) {
         let status = Command::new("kill")
             .arg(format!("-{sig}"))
@@ -207,11 +216,7 @@ async fn run_proxies_reloads_on_sighup_and_exits_0_on_sigterm() {
     assert!(run.child.try_wait().expect("try_wait").is_none());
 
     // SIGTERM with an idle keep-alive client connection open: exit 0, promptly.
-    run.signal("TERM");
-    let status = run
-        .wait_exit(Duration::from_secs(5))
-        .unwrap_or_else(|| panic!("no exit 5 s after SIGTERM:\n{}", run.log()));
-    assert_eq!(status.code(), Some(0), "{status}:\n{}", run.log());
+    run.terminate();
     drop(c);
     // The ports are released.
     assert!(TcpStream::connect(v4).await.is_err());
@@ -281,11 +286,7 @@ async fn fair_scheduling_serves_concurrent_clients_and_reload_keeps_the_policy()
         run.log()
     );
 
-    run.signal("TERM");
-    let status = run
-        .wait_exit(Duration::from_secs(5))
-        .unwrap_or_else(|| panic!("no exit 5 s after SIGTERM:\n{}", run.log()));
-    assert_eq!(status.code(), Some(0), "{status}:\n{}", run.log());
+    run.terminate();
 }
 
 /// CPU time (user + system) of process `pid` so far, from `/proc`.
@@ -348,9 +349,5 @@ async fn busy_polling_serves_clients_and_sleeps_when_idle() {
         run.log()
     );
 
-    run.signal("TERM");
-    let status = run
-        .wait_exit(Duration::from_secs(5))
-        .unwrap_or_else(|| panic!("no exit 5 s after SIGTERM:\n{}", run.log()));
-    assert_eq!(status.code(), Some(0), "{status}:\n{}", run.log());
+    run.terminate();
 }
