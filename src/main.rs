@@ -124,6 +124,12 @@ fn run(path: &Path, upgrade: bool) -> anyhow::Result<()> {
     } else {
         None
     };
+    tracing::info!(
+        threads = snapshot.threads,
+        scheduling = ?snapshot.scheduling,
+        busy_poll = ?snapshot.busy_poll,
+        "starting the runtime"
+    );
     runtime(snapshot.threads, snapshot.scheduling, snapshot.busy_poll)?.block_on(serve(
         snapshot,
         Some(path.to_path_buf()),

@@ -337,6 +337,11 @@ async fn busy_polling_serves_clients_and_sleeps_when_idle() {
             .expect("client task");
     }
     assert_eq!(web.count(), 100);
+    assert!(
+        run.log().contains("starting the runtime") && run.log().contains("200µs"),
+        "the start does not log the runtime's settings:\n{}",
+        run.log()
+    );
 
     // Idle: two spinners that never stopped would take ~2 s of CPU in this second.
     let pid = run.child.id();
