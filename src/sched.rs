@@ -90,14 +90,16 @@ pub const MAX_BUSY_POLL: Duration = Duration::from_millis(10);
 const WORK_GAP: Duration = Duration::from_micros(5);
 
 thread_local! {
-    /// The [`spin`] task parked on this worker thread, if any.
-    static PARKED: RefCell<Option<Waker>> = const { RefCell::new(None) };
+    /// The [`spin`] tasks parked on this worker thread (usually one; more when tokio
+    /// moved one here from another worker).
+    static PARKED: RefCell<Vec<Waker>> = const { RefCell::new(Vec::new()) };
 }
 
 /// The runtime's `on_thread_unpark` hook when busy polling is on: the worker woke
-/// up (an event or a timer), so its spinner resumes.
+/// up (an event or a timer), so the spinners parked on it resume.
 fn after_unpark() {
-    if let Some(waker) = PARKED.with(|p| p.borrow_mut().take()) {
+    let parked = PARKED.with(|p| std::mem::take(&mut *p.borrow_mut()));
+    for waker in parked {
         waker.wake();
     }
 }
@@ -115,7 +117,7 @@ impl Future for UntilUnpark {
             return Poll::Ready(());
         }
         self.parked = true;
-        PARKED.with(|p| *p.borrow_mut() = Some(cx.waker().clone()));
+        PARKED.with(|p| p.borrow_mut().push(cx.waker().clone()));
         Poll::Pending
     }
 }
@@ -284,6 +286,45 @@ mod tests {
             parked <= 10,
             "{parked} parks of two workers in 100 tasks 1ms apart"
         );
+    }
+
+    /// A waker that records that it was woken.
+    struct Flag(std::sync::atomic::AtomicBool);
+
+    impl std::task::Wake for Flag {
+        fn wake(self: std::sync::Arc<Self>) {
+            self.0.store(true, Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn an_unpark_resumes_every_spinner_parked_on_the_thread() {
+        let flags: Vec<_> = (0..2)
+            .map(|_| std::sync::Arc::new(Flag(AtomicBool::new(false))))
+            .collect();
+        let mut parked: Vec<_> = flags
+            .iter()
+            .map(|_| UntilUnpark { parked: false })
+            .collect();
+        for (until, flag) in parked.iter_mut().zip(&flags) {
+            let waker = Waker::from(std::sync::Arc::clone(flag));
+            let polled = Pin::new(until).poll(&mut Context::from_waker(&waker));
+            assert!(polled.is_pending());
+        }
+        assert!(flags.iter().all(|f| !f.0.load(Ordering::SeqCst)));
+        after_unpark();
+        assert!(
+            flags.iter().all(|f| f.0.load(Ordering::SeqCst)),
+            "a spinner left parked"
+        );
+        for (until, flag) in parked.iter_mut().zip(&flags) {
+            let waker = Waker::from(std::sync::Arc::clone(flag));
+            assert!(Pin::new(until)
+                .poll(&mut Context::from_waker(&waker))
+                .is_ready());
+        }
+        // Nothing is left to wake twice.
+        assert!(PARKED.with(|p| p.borrow().is_empty()));
     }
 
     #[test]
