@@ -64,9 +64,10 @@ pub fn validate(
         Duration::ZERO,
         Zero::Allowed,
     );
-    let busy_poll = if busy_poll > crate::sched::MAX_BUSY_POLL {
+    let max = crate::sched::MAX_BUSY_POLL;
+    let busy_poll = if busy_poll > max {
         e.push(
-            ConfigError::new("busy_poll", format!("{busy_poll:?} is more than 10ms"))
+            ConfigError::new("busy_poll", format!("{busy_poll:?} is more than {max:?}"))
                 .with_hint("50us to 200us bridges a busy worker's pauses; \"0s\" turns it off"),
         );
         Duration::ZERO
