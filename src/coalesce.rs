@@ -64,7 +64,7 @@ where
         // first poll, which always comes, registers the task's own.
         let mut cx = Context::from_waker(std::task::Waker::noop());
         if fut.as_mut().poll(&mut cx).is_pending() {
-            tokio::spawn(fut);
+            tokio::spawn(crate::sched::tracked(fut));
         }
     }
 }

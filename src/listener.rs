@@ -210,17 +210,17 @@ pub async fn serve(
         // memory is mostly its task). The connection's future is made inside its
         // task: moved in, it would take its room twice.
         match opts.tls.clone() {
-            None => tokio::spawn(async move {
+            None => tokio::spawn(crate::sched::tracked(async move {
                 let _open = open;
                 ended(peer, plain_connection(stream, peer, opts, conn).await);
-            }),
-            Some(acceptor) => tokio::spawn(async move {
+            })),
+            Some(acceptor) => tokio::spawn(crate::sched::tracked(async move {
                 let _open = open;
                 ended(
                     peer,
                     tls_connection(stream, peer, opts, acceptor, conn).await,
                 );
-            }),
+            })),
         };
     }
 }

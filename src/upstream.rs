@@ -418,17 +418,17 @@ impl Upstream {
         let clean = Arc::new(AtomicBool::new(false));
         let addr = self.addr;
         if upgrade {
-            tokio::spawn(async move {
+            tokio::spawn(crate::sched::tracked(async move {
                 // With upgrades: after a `101` the stream goes to the response's upgrade.
                 if let Err(e) = conn.with_upgrades().await {
                     tracing::debug!(%addr, error = %e, "upstream connection ended");
                 }
-            });
+            }));
         } else {
             let home = Arc::clone(self);
             let done = Arc::clone(&clean);
             let act = Arc::clone(&activity);
-            tokio::spawn(async move {
+            tokio::spawn(crate::sched::tracked(async move {
                 match conn.without_shutdown().await {
                     Ok(parts) if done.load(Ordering::Acquire) && parts.read_buf.is_empty() => {
                         home.put_raw(RawConn::from_io(parts.io.into_inner(), act));
@@ -436,7 +436,7 @@ impl Upstream {
                     Ok(_) => {}
                     Err(e) => tracing::debug!(%addr, error = %e, "upstream connection ended"),
                 }
-            });
+            }));
         }
         Ok((sender, activity, clean))
     }
