@@ -129,6 +129,9 @@ where
     // when many connections take turns).
     let mut flag = stop.clone();
     let mut stopping = *flag.borrow_and_update();
+    // Whether this connection's last answer waited (a back end's answer, a queue):
+    // its next one is not boxed under fair scheduling ([`Answer::new`]).
+    let mut waited = false;
     loop {
         let req = loop {
             if !buf.is_empty() {
@@ -231,15 +234,19 @@ where
         let head = req.method() == Method::HEAD;
         let verdict = track.begin();
         let in_flight = InFlight(Arc::clone(&track));
-        let answer = Answer::new(proxy.handle(req, fwd, verdict, Wire::Own));
+        let answer = Answer::new(proxy.handle(req, fwd, verdict, Wire::Own), waited);
         tokio::pin!(answer);
+        let mut polls = 0u32;
         let resp = loop {
             if buf.capacity() == buf.len() && buf.len() < max_head {
                 buf.reserve(READ_CHUNK);
             }
             tokio::select! {
                 biased;
-                resp = &mut answer => break resp,
+                resp = poll_fn(|cx| {
+                    polls += 1;
+                    answer.as_mut().poll(cx)
+                }) => break resp,
                 // Watch for the client leaving while its request waits (pipelined
                 // bytes are kept for later, up to one head's worth).
                 n = io.read_buf(&mut buf), if buf.len() < max_head => {
@@ -249,6 +256,7 @@ where
                 }
             }
         };
+        waited = polls > 1;
         if !stopping && flag.has_changed().unwrap_or(true) {
             stopping = *flag.borrow_and_update();
         }
@@ -295,7 +303,11 @@ pin_project_lite::pin_project! {
     /// The handler's future: in the connection's task, or under fair scheduling in
     /// an allocation of its own, which is warm (the block the previous answer freed)
     /// where the connection's task is cold by its next turn
-    /// ([`crate::sched::boxes_answers`]).
+    /// ([`crate::sched::boxes_answers`]). Only an answer ready at once gains from
+    /// that: one that waits (a back end's answer) is cold by its next poll wherever
+    /// it lives, and with hundreds of them in flight the allocator's large blocks
+    /// are cold too. So a connection whose last answer waited keeps the next one
+    /// inline.
     #[project = AnswerProj]
     enum Answer<F> {
         Inline { #[pin] fut: F },
@@ -304,8 +316,10 @@ pin_project_lite::pin_project! {
 }
 
 impl<F: Future> Answer<F> {
-    fn new(fut: F) -> Self {
-        if crate::sched::boxes_answers() {
+    /// `waited`: whether the connection's previous answer did not finish on its
+    /// first poll.
+    fn new(fut: F, waited: bool) -> Self {
+        if !waited && crate::sched::boxes_answers() {
             Answer::Boxed { fut: Box::pin(fut) }
         } else {
             Answer::Inline { fut }
@@ -704,6 +718,28 @@ fn date(out: &mut Vec<u8>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Under fair scheduling an answer gets its own allocation unless the
+    /// connection's previous answer waited (a proxied request): then it stays in
+    /// the task. The default policy never boxes.
+    #[test]
+    fn only_answers_after_an_immediate_one_are_boxed_under_fair_scheduling() {
+        let boxed = |waited| matches!(Answer::new(async {}, waited), Answer::Boxed { .. });
+        let rt =
+            crate::sched::runtime(1, crate::sched::Scheduling::Fair, std::time::Duration::ZERO)
+                .expect("fair runtime");
+        assert!(boxed(false), "an answer after an immediate one");
+        assert!(!boxed(true), "an answer after one that waited");
+        drop(rt);
+        let rt = crate::sched::runtime(
+            1,
+            crate::sched::Scheduling::Throughput,
+            std::time::Duration::ZERO,
+        )
+        .expect("default runtime");
+        assert!(!boxed(false) && !boxed(true));
+        drop(rt);
+    }
 
     /// Both homes of the handler's future run it to the same end, including across
     /// a pending poll (the future is not moved once pinned, boxed or not).

@@ -16,7 +16,8 @@
 //!   by its next turn. To keep that cost down, a fair runtime also builds each
 //!   answer's handler future in a fresh allocation (warm: the allocator hands back
 //!   the block the previous answer freed) instead of in the connection's long-lived,
-//!   cold task: [`boxes_answers`]. Figures: BENCHMARKS.md, "Scheduling".
+//!   cold task: [`boxes_answers`] (not after an answer that waited on a back end:
+//!   `h1_server`'s `Answer`). Figures: BENCHMARKS.md, "Scheduling".
 //!
 //! Busy polling (config `busy_poll`, off by default, as HAProxy's `busy-polling`):
 //! a worker that runs out of work keeps looking for I/O without sleeping, for up to
