@@ -479,6 +479,22 @@ where
     I: AsyncRead + AsyncWrite + Unpin,
 {
     let (parts, mut body) = resp.into_parts();
+    if let Body::Page {
+        head: lines,
+        body: Some(page),
+    } = &body
+    {
+        // A whole page, nothing added to its head: one write of this worker's
+        // prebuilt answer for the second ([`crate::page_cache`]).
+        if !head && parts.headers.is_empty() {
+            if let Some((whole, close)) = cached_page(parts.status, lines, page, keep_alive, out) {
+                crate::recycle::give(parts.headers);
+                io.write_all(&whole).await?;
+                io.flush().await?;
+                return Ok(!close);
+            }
+        }
+    }
     let lines = match &mut body {
         Body::Page { head, .. } => std::mem::take(head),
         _ => bytes::Bytes::new(),
@@ -556,6 +572,35 @@ where
     }
     flush(io, out).await?;
     Ok(whole && !close)
+}
+
+/// The whole answer for a page from [`crate::page_cache`], its head encoded by
+/// [`encode_head`] as on the ordinary path (`out` is the scratch buffer).
+fn cached_page(
+    status: StatusCode,
+    lines: &bytes::Bytes,
+    page: &bytes::Bytes,
+    keep_alive: bool,
+    out: &mut Vec<u8>,
+) -> Option<(bytes::Bytes, bool)> {
+    let secs = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let none = HeaderMap::new();
+    let encode = |status, lines: &[u8], len: usize, keep_alive, out: &mut Vec<u8>| {
+        out.clear();
+        let (_, close) = encode_head(
+            status,
+            &none,
+            lines,
+            Some(Some(len as u64)),
+            false,
+            keep_alive,
+            out,
+        );
+        close
+    };
+    crate::page_cache::whole(secs, status, keep_alive, lines, page, out, &encode)
 }
 
 async fn flush<I>(io: &mut ClientIo<I>, out: &mut Vec<u8>) -> io::Result<()>

