@@ -140,7 +140,6 @@ mod tests {
             Bytes::from_static(b"x: 1\r\n"),
             Bytes::from(vec![b'p'; 5000]),
         );
-        let mut scratch = Vec::new();
         let calls = std::cell::Cell::new(0);
         let encode = |_: StatusCode, _: &[u8], _: usize, keep: bool, out: &mut Vec<u8>| {
             calls.set(calls.get() + 1);
@@ -148,42 +147,27 @@ mod tests {
             out.extend_from_slice(b"HTTP/1.1 503 x\r\n\r\n");
             !keep
         };
-        let (a, close) = whole(
-            7,
-            StatusCode::SERVICE_UNAVAILABLE,
-            true,
-            &lines,
-            &page,
-            &mut scratch,
-            &encode,
-        )
-        .expect("cached");
+        let get = |keep_alive| {
+            whole(
+                7,
+                StatusCode::SERVICE_UNAVAILABLE,
+                keep_alive,
+                &lines,
+                &page,
+                &mut Vec::new(),
+                &encode,
+            )
+            .expect("cached")
+        };
+        let (a, close) = get(true);
         assert!(!close);
         assert_eq!(&a[..18], b"HTTP/1.1 503 x\r\n\r\n");
         assert_eq!(&a[18..], &page[..]);
-        let (b, _) = whole(
-            7,
-            StatusCode::SERVICE_UNAVAILABLE,
-            true,
-            &lines,
-            &page,
-            &mut scratch,
-            &encode,
-        )
-        .expect("cached");
+        let (b, _) = get(true);
         assert_eq!(a.as_ptr(), b.as_ptr(), "the same buffer within a second");
         assert_eq!(calls.get(), 1, "encoded once");
         // Another keep-alive choice, another entry.
-        let (_, close) = whole(
-            7,
-            StatusCode::SERVICE_UNAVAILABLE,
-            false,
-            &lines,
-            &page,
-            &mut scratch,
-            &encode,
-        )
-        .expect("cached");
+        let (_, close) = get(false);
         assert!(close, "encoded for its own keep-alive choice");
         assert_eq!(calls.get(), 2);
     }
