@@ -10,7 +10,8 @@
 //! never followed by a second one; a head split over several writes; `Connection:
 //! close` versus `keep-alive`; a graceful shutdown with requests in flight on both
 //! paths; `date` and a single `content-length` on every answer; a request the
-//! balancer refuses itself on the fast path closes the connection.
+//! balancer refuses itself on the fast path closes the connection; the prebuilt
+//! page answers follow a reload at once and the clock's second.
 //!
 //! Every wait is bounded ([`STEP`] per response, explicit timeouts elsewhere).
 
@@ -1047,4 +1048,54 @@ async fn a_refused_simple_request_is_answered_with_close_and_nothing_after_it_is
         }
     }
     assert_eq!(app.count(), 0, "{:?}", app.requests());
+}
+
+// ---------------------------------------------------------------------------------
+// Prebuilt page answers (src/page_cache.rs)
+// ---------------------------------------------------------------------------------
+
+/// The own loop sends a maintenance page from its worker's prebuilt answer for the
+/// second: a reload's new page (here a new analytics snippet) is served at once on
+/// the same keep-alive connection, in the same second; the `date` line follows the
+/// clock across seconds; `HEAD` and `GET` keep their framing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reloaded_page_is_served_at_once_and_the_date_follows_the_clock() {
+    let app = Backend::start("app").await;
+    let with = |snippet: &str| {
+        lb_config(
+            app.addr,
+            "",
+            &format!("[maintenance]\nanalytics = \"<i>{snippet}</i>\"\n"),
+        )
+    };
+    let lb = Balancer::start(&with("first")).await;
+    let mut w = Wire::connect(lb.v4).await;
+    for _ in 0..3 {
+        w.send(get("/maint/a").as_bytes()).await;
+        let r = w.response().await;
+        assert_eq!(r.status, 503, "{r:?}");
+        assert!(r.text().contains("<i>first</i>"), "{r:?}");
+        assert_dated_and_sized(&r, r.body.len(), "cached page");
+    }
+    let snapshot = launchday::config::load_str(&with("second"), std::path::Path::new("."), None)
+        .expect("config");
+    lb.server.apply(snapshot).await.expect("reload");
+    w.send(get("/maint/b").as_bytes()).await;
+    let r = w.response().await;
+    assert!(
+        r.text().contains("<i>second</i>") && !r.text().contains("<i>first</i>"),
+        "the old page after a reload: {r:?}"
+    );
+    assert_dated_and_sized(&r, r.body.len(), "reloaded page");
+    w.send(head("/maint/c").as_bytes()).await;
+    let h = w.head_response().await;
+    assert_eq!(h.one("content-length"), r.one("content-length"), "{h:?}");
+    assert!(w.buf.is_empty(), "bytes after the HEAD answer's head");
+    // Past the next second boundary the same answer carries the new date.
+    let before = r.one("date").map(str::to_owned);
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    w.send(get("/maint/d").as_bytes()).await;
+    let later = w.response().await;
+    assert_eq!(later.body, r.body);
+    assert_ne!(later.one("date").map(str::to_owned), before, "a stale date");
 }
