@@ -199,9 +199,8 @@ mod tests {
         assert_eq!(a.as_ptr(), at, "in its own buffer");
         drop(a);
         // Second 3: p2 was not used during second 2, so it is gone.
-        let len = |_: ()| CACHE.with_borrow(|(_, e)| e.len());
         whole(3, s, true, &lines, &p1, &mut scratch, &encode).expect("p1");
-        assert_eq!(len(()), 1);
+        assert_eq!(CACHE.with_borrow(|(_, e)| e.len()), 1);
     }
 
     #[test]

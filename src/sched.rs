@@ -317,33 +317,33 @@ mod tests {
         }
     }
 
+    /// Parks of the runtime's workers over 50 tasks 1ms apart, after `warm` tasks
+    /// back to back.
+    fn parks_in_close_tasks(rt: &tokio::runtime::Runtime, warm: usize) -> u64 {
+        spaced_tasks(rt, warm, Duration::ZERO);
+        let before = park_count(rt);
+        spaced_tasks(rt, 50, Duration::from_millis(1));
+        park_count(rt) - before
+    }
+
     #[test]
     fn a_busy_polling_worker_does_not_sleep_between_close_tasks() {
         let rt = runtime(1, Scheduling::Throughput, MAX_BUSY_POLL).expect("runtime");
-        spaced_tasks(&rt, 3, Duration::ZERO);
-        let before = park_count(&rt);
-        spaced_tasks(&rt, 50, Duration::from_millis(1));
-        let parks = park_count(&rt) - before;
+        let parks = parks_in_close_tasks(&rt, 3);
         // Without busy polling each task wakes a sleeping worker (checked below);
         // here a stall of the machine longer than 10ms may cost a park or two.
         assert!(parks <= 5, "{parks} parks in 50 tasks 1ms apart");
         drop(rt);
 
         let rt = runtime(1, Scheduling::Throughput, Duration::ZERO).expect("runtime");
-        spaced_tasks(&rt, 3, Duration::ZERO);
-        let before = park_count(&rt);
-        spaced_tasks(&rt, 50, Duration::from_millis(1));
-        let parks = park_count(&rt) - before;
+        let parks = parks_in_close_tasks(&rt, 3);
         assert!(parks >= 25, "only {parks} parks without busy polling");
     }
 
     #[test]
     fn every_worker_of_a_busy_polling_runtime_stays_awake_between_close_tasks() {
         let rt = runtime(2, Scheduling::Throughput, MAX_BUSY_POLL).expect("runtime");
-        spaced_tasks(&rt, 20, Duration::ZERO);
-        let before = park_count(&rt);
-        spaced_tasks(&rt, 50, Duration::from_millis(1));
-        let parked = park_count(&rt) - before;
+        let parked = parks_in_close_tasks(&rt, 20);
         assert!(
             parked <= 10,
             "{parked} parks of two workers in 50 tasks 1ms apart"
