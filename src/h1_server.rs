@@ -67,7 +67,7 @@ use crate::conn::{ClientIo, InFlight};
 use crate::headers::Forwarded;
 use crate::listener::Counted;
 use crate::park::{Parkable, Wake};
-use crate::proxy::{Proxy, Step, Wire};
+use crate::proxy::{Proxy, Wire};
 use crate::upstream_h1::{has_token, parse_length};
 
 /// Heads with more header fields than this go to hyper (which applies
@@ -234,40 +234,29 @@ where
         let head = req.method() == Method::HEAD;
         let verdict = track.begin();
         let in_flight = InFlight(Arc::clone(&track));
-        let resp = match proxy.begin(req, fwd, verdict, Wire::Own) {
-            // Decided at once (the maintenance page of a pool that sheds at once among
-            // them): no handler future at all.
-            Step::Done(resp) => {
-                waited = false;
-                resp
+        let answer = Answer::new(proxy.handle(req, fwd, verdict, Wire::Own), waited);
+        tokio::pin!(answer);
+        let mut polls = 0u32;
+        let resp = loop {
+            if buf.capacity() == buf.len() && buf.len() < max_head {
+                buf.reserve(READ_CHUNK);
             }
-            Step::Later(later) => {
-                let answer = Answer::new(proxy.later(later, fwd, Wire::Own), waited);
-                tokio::pin!(answer);
-                let mut polls = 0u32;
-                let resp = loop {
-                    if buf.capacity() == buf.len() && buf.len() < max_head {
-                        buf.reserve(READ_CHUNK);
+            tokio::select! {
+                biased;
+                resp = poll_fn(|cx| {
+                    polls += 1;
+                    answer.as_mut().poll(cx)
+                }) => break resp,
+                // Watch for the client leaving while its request waits (pipelined
+                // bytes are kept for later, up to one head's worth).
+                n = io.read_buf(&mut buf), if buf.len() < max_head => {
+                    if n? == 0 {
+                        return Ok(Exit::Closed);
                     }
-                    tokio::select! {
-                        biased;
-                        resp = poll_fn(|cx| {
-                            polls += 1;
-                            answer.as_mut().poll(cx)
-                        }) => break resp,
-                        // Watch for the client leaving while its request waits (pipelined
-                        // bytes are kept for later, up to one head's worth).
-                        n = io.read_buf(&mut buf), if buf.len() < max_head => {
-                            if n? == 0 {
-                                return Ok(Exit::Closed);
-                            }
-                        }
-                    }
-                };
-                waited = polls > 1;
-                resp
+                }
             }
         };
+        waited = polls > 1;
         if !stopping && flag.has_changed().unwrap_or(true) {
             stopping = *flag.borrow_and_update();
         }

@@ -2,11 +2,8 @@
 //!
 //! [`Pool::acquire`] resolves either to a [`Lease`] on one back end, chosen by smooth
 //! weighted round robin among the back ends with free capacity, or to the reason the
-//! request must get the maintenance page ([`Shed`]). Its first part, [`Pool::admit`],
-//! decides without waiting: a lease, a shed, or a place in the queue ([`Queued`],
-//! whose [`Queued::wait`] is the rest), so that a caller can answer a shed request
-//! without building a future for it. A request that finds every back end full waits
-//! in the pool's bounded queue:
+//! request must get the maintenance page ([`Shed`]). A request that finds every back
+//! end full waits in the pool's bounded queue:
 //!
 //! - `queue_depth` waiters at most; an arrival at a full queue is shed (`queue_full`),
 //!   except that a write displaces the newest waiting read (which is shed instead).
@@ -486,69 +483,84 @@ impl Pool {
     /// Admits a request of `class` and picks its back end, waiting in the queue if
     /// every back end is full, or says why it must be shed.
     pub async fn acquire(self: &Arc<Self>, class: Class) -> Result<Lease, Shed> {
-        match self.admit(class) {
-            Admission::Leased(lease) => Ok(lease),
-            Admission::Shed(why) => Err(why),
-            Admission::Queued(place) => place.wait().await,
-        }
-    }
-
-    /// The part of [`Pool::acquire`] decided at once, without waiting: a lease, a
-    /// reason to shed, or a place in the queue (left when dropped).
-    pub fn admit(self: &Arc<Self>, class: Class) -> Admission {
         if self.in_maintenance() {
-            return Admission::Shed(Shed::Manual);
+            return Err(Shed::Manual);
         }
         let arrived = Instant::now();
-        let mut st = self.state.lock();
-        if let Some(lease) = self.try_lease(&mut st, None) {
-            return Admission::Leased(lease);
-        }
-        let now = Instant::now();
-        if !st.backends.iter().any(|b| b.serving(now)) {
-            return Admission::Shed(Shed::NoBackend);
-        }
-        let position = match class {
-            Class::Write => st.writes.len() + 1,
-            Class::Read => st.depth() + 1,
+        let (id, deadline, mut rx) = {
+            let mut st = self.state.lock();
+            if let Some(lease) = self.try_lease(&mut st, None) {
+                return Ok(lease);
+            }
+            let now = Instant::now();
+            if !st.backends.iter().any(|b| b.serving(now)) {
+                return Err(Shed::NoBackend);
+            }
+            let position = match class {
+                Class::Write => st.writes.len() + 1,
+                Class::Read => st.depth() + 1,
+            };
+            if let (Some(service), Some(capacity)) = (st.service.get(), st.capacity(now)) {
+                let predicted = service.mul_f64(position as f64 / capacity.max(1) as f64);
+                if predicted > st.queue_timeout {
+                    return Err(Shed::PredictedWait);
+                }
+            }
+            let mut displaced = None;
+            if st.depth() >= st.queue_depth {
+                if class == Class::Write && !st.reads.is_empty() {
+                    displaced = st.reads.pop_back();
+                } else {
+                    return Err(Shed::QueueFull);
+                }
+            }
+            let (tx, rx) = oneshot::channel();
+            let id = st.next_id;
+            st.next_id += 1;
+            st.queue(class).push_back(Waiter {
+                id,
+                tx,
+                since: arrived,
+            });
+            self.metrics.queue_depth.set(st.depth() as i64);
+            let deadline = arrived + st.queue_timeout;
+            drop(st);
+            if let Some(w) = displaced {
+                self.shed_waiter(w, Shed::QueueFull);
+            }
+            (id, deadline, rx)
         };
-        if let (Some(service), Some(capacity)) = (st.service.get(), st.capacity(now)) {
-            let predicted = service.mul_f64(position as f64 / capacity.max(1) as f64);
-            if predicted > st.queue_timeout {
-                return Admission::Shed(Shed::PredictedWait);
-            }
-        }
-        let mut displaced = None;
-        if st.depth() >= st.queue_depth {
-            if class == Class::Write && !st.reads.is_empty() {
-                displaced = st.reads.pop_back();
-            } else {
-                return Admission::Shed(Shed::QueueFull);
-            }
-        }
-        let (tx, rx) = oneshot::channel();
-        let id = st.next_id;
-        st.next_id += 1;
-        st.queue(class).push_back(Waiter {
-            id,
-            tx,
-            since: arrived,
-        });
-        self.metrics.queue_depth.set(st.depth() as i64);
-        let deadline = arrived + st.queue_timeout;
-        drop(st);
-        if let Some(w) = displaced {
-            self.shed_waiter(w, Shed::QueueFull);
-        }
-        Admission::Queued(Queued {
-            pool: Arc::clone(self),
+        let mut guard = WaitGuard {
+            pool: self,
             id,
             class,
-            arrived,
-            deadline,
-            rx,
             armed: true,
-        })
+        };
+        let result = match tokio::time::timeout_at(deadline, &mut rx).await {
+            Ok(Ok(result)) => {
+                guard.armed = false;
+                result
+            }
+            // The sender is only dropped after sending; treat a lost one as no back end.
+            Ok(Err(_)) => {
+                guard.armed = false;
+                Err(Shed::NoBackend)
+            }
+            Err(_) => {
+                guard.armed = false;
+                if self.remove_waiter(id, class) {
+                    self.metrics
+                        .queue_wait
+                        .observe(arrived.elapsed().as_secs_f64());
+                    Err(Shed::QueueTimeout)
+                } else {
+                    // Served (or displaced) at the last moment: the answer is in the channel.
+                    rx.try_recv().unwrap_or(Err(Shed::QueueTimeout))
+                }
+            }
+        };
+        drop(guard);
+        result
     }
 
     fn shed_waiter(&self, w: Waiter, why: Shed) {
@@ -686,60 +698,14 @@ fn undo(mut lease: Lease) {
 }
 
 /// Takes a waiter out of the queue if its request goes away while waiting.
-/// What [`Pool::admit`] decided.
-pub enum Admission {
-    /// A back end had room: its lease.
-    Leased(Lease),
-    /// Shed at once, for this reason.
-    Shed(Shed),
-    /// Every back end is full: a place in the queue.
-    Queued(Queued),
-}
-
-/// A request's place in its pool's queue. [`Queued::wait`] resolves it; dropping it
-/// first (the client went away) leaves the queue at once.
-pub struct Queued {
-    pool: Arc<Pool>,
+struct WaitGuard<'a> {
+    pool: &'a Arc<Pool>,
     id: u64,
     class: Class,
-    arrived: Instant,
-    deadline: Instant,
-    rx: oneshot::Receiver<Result<Lease, Shed>>,
-    /// False once the place is no longer in the queue.
     armed: bool,
 }
 
-impl Queued {
-    /// Waits for a freed slot, at most until `queue_timeout` after arrival.
-    pub async fn wait(mut self) -> Result<Lease, Shed> {
-        match tokio::time::timeout_at(self.deadline, &mut self.rx).await {
-            Ok(Ok(result)) => {
-                self.armed = false;
-                result
-            }
-            // The sender is only dropped after sending; treat a lost one as no back end.
-            Ok(Err(_)) => {
-                self.armed = false;
-                Err(Shed::NoBackend)
-            }
-            Err(_) => {
-                self.armed = false;
-                if self.pool.remove_waiter(self.id, self.class) {
-                    self.pool
-                        .metrics
-                        .queue_wait
-                        .observe(self.arrived.elapsed().as_secs_f64());
-                    Err(Shed::QueueTimeout)
-                } else {
-                    // Served (or displaced) at the last moment: the answer is in the channel.
-                    self.rx.try_recv().unwrap_or(Err(Shed::QueueTimeout))
-                }
-            }
-        }
-    }
-}
-
-impl Drop for Queued {
+impl Drop for WaitGuard<'_> {
     fn drop(&mut self) {
         if self.armed {
             self.pool.remove_waiter(self.id, self.class);

@@ -1,0 +1,889 @@
+//! The request handler: route → acquire → forward, or answer locally.
+//!
+//! A request loads the live state ([`Live`]: the snapshot and the objects built from
+//! it) once and uses it to the end, so a reload in the middle never mixes two configs.
+//! Every answer is counted once in `launchday_requests_total`, with `backend="-"` when
+//! launchday answered itself; locally generated answers carry `X-Served-By: launchday`
+//! and an `X-Launchday-Error` saying why. An upgrade request whose back end answers
+//! `101` becomes a tunnel ([`crate::tunnel`]); its `101` is counted as a `1xx`.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use arc_swap::ArcSwap;
+use http::header::{self, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Uri};
+use parking_lot::Mutex;
+
+use crate::accesslog::{AccessLog, Entry, Facts};
+use crate::body::{Body, BodyError, ClientBody, ReqBody};
+use crate::config::{AccessLogSpec, Class, ListenerSpec, Snapshot};
+use crate::conn::Verdict;
+use crate::edge::{
+    FetchError, FetchFuture, FetchedPage, SnapshotSpec, Snapshots, X_LAUNCHDAY_SNAPSHOT,
+};
+use crate::headers::{self, Forwarded, X_LAUNCHDAY_ERROR, X_SERVED_BY};
+use crate::maintenance::{MaintenancePage, BEACON_PATH};
+use crate::metrics::{CodeCounters, Metrics};
+use crate::pool::Pool;
+use crate::recycle;
+use crate::route::{strip_port, Router};
+use crate::strict::{self, Reject};
+use crate::tls::certs;
+use crate::tunnel::{self, TunnelError, Upgrade};
+use crate::upstream::{Failed, UpBody, Upstream, UpstreamError};
+use crate::upstream_io::UpstreamTimeouts;
+
+/// What a request needs from the configuration, built once per snapshot.
+pub struct Live {
+    pub snapshot: Arc<Snapshot>,
+    pub router: Router,
+    /// Same order as `snapshot.pools`.
+    pub pools: Vec<Arc<Pool>>,
+    /// The maintenance page of this snapshot, rendered and compressed.
+    pub page: MaintenancePage,
+    /// The access log, when configured.
+    pub access_log: Option<AccessLog>,
+    /// Edge snapshots, when any are configured.
+    pub snapshots: Option<Arc<Snapshots>>,
+}
+
+/// The handler shared by every connection of every listener.
+pub struct Proxy {
+    live: Arc<ArcSwap<Live>>,
+    metrics: Metrics,
+    unrouted: Arc<CodeCounters>,
+    /// Connection pools by back-end address, shared by pools and kept across reloads.
+    upstreams: Mutex<HashMap<SocketAddr, Arc<Upstream>>>,
+    /// Pools by name, kept across reloads (queues, estimates, back-end loads).
+    pools: Arc<Mutex<HashMap<String, Arc<Pool>>>>,
+    /// The running access log and its settings.
+    log: Mutex<Option<(AccessLogSpec, AccessLog)>>,
+    /// The snapshot registry, kept across reloads once a config had snapshots.
+    edge: Mutex<Option<Arc<Snapshots>>>,
+}
+
+static LAUNCHDAY: HeaderValue = HeaderValue::from_static("launchday");
+static TEXT_PLAIN: HeaderValue = HeaderValue::from_static("text/plain; charset=utf-8");
+
+impl Proxy {
+    /// A handler serving `snapshot`.
+    pub fn new(snapshot: Arc<Snapshot>, metrics: Metrics) -> Arc<Self> {
+        let unrouted = Arc::new(metrics.unrouted());
+        let proxy = Proxy {
+            live: Arc::new(ArcSwap::from_pointee(Live {
+                snapshots: None,
+                access_log: None,
+                page: MaintenancePage::render("", "", std::time::Duration::ZERO),
+                snapshot: Arc::clone(&snapshot),
+                router: Router::default(),
+                pools: Vec::new(),
+            })),
+            metrics,
+            unrouted,
+            upstreams: Mutex::new(HashMap::new()),
+            pools: Arc::new(Mutex::new(HashMap::new())),
+            log: Mutex::new(None),
+            edge: Mutex::new(None),
+        };
+        let live = proxy.build(snapshot);
+        proxy.live.store(Arc::new(live));
+        Arc::new(proxy)
+    }
+
+    /// The metrics this handler counts into.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// The counters of answers that belong to no pool (`pool="-"`).
+    pub fn unrouted(&self) -> &Arc<CodeCounters> {
+        &self.unrouted
+    }
+
+    /// The live state now.
+    pub fn live(&self) -> Arc<Live> {
+        self.live.load_full()
+    }
+
+    /// Builds the live state of `snapshot` and swaps it in: the very next request uses it.
+    pub fn apply(&self, snapshot: Arc<Snapshot>) {
+        let live = self.build(snapshot);
+        self.live.store(Arc::new(live));
+    }
+
+    fn build(&self, snapshot: Arc<Snapshot>) -> Live {
+        let mut upstreams = self.upstreams.lock();
+        let mut registry = self.pools.lock();
+        let mut upstream =
+            |addr| Arc::clone(upstreams.entry(addr).or_insert_with(|| Upstream::new(addr)));
+        let pools: Vec<Arc<Pool>> = snapshot
+            .pools
+            .iter()
+            .map(|spec| match registry.get(&spec.name) {
+                Some(pool) => {
+                    pool.reconfigure(spec.clone(), &self.metrics, &mut upstream);
+                    Arc::clone(pool)
+                }
+                None => {
+                    let pool = Arc::new(Pool::new(spec.clone(), &self.metrics, &mut upstream));
+                    pool.start_checks();
+                    pool
+                }
+            })
+            .collect();
+        // Pools and connection pools no longer configured are dropped from the
+        // registries; requests still using them hold their own references.
+        *registry = pools
+            .iter()
+            .map(|p| (p.name().to_owned(), Arc::clone(p)))
+            .collect();
+        let in_use: std::collections::HashSet<SocketAddr> = snapshot
+            .pools
+            .iter()
+            .flat_map(|p| p.backends.iter().map(|b| b.address))
+            .collect();
+        upstreams.retain(|addr, _| in_use.contains(addr));
+        drop(upstreams);
+        drop(registry);
+        Live {
+            snapshots: self.snapshots(&snapshot),
+            access_log: self.access_log(&snapshot),
+            router: Router::new(&snapshot.routes),
+            page: MaintenancePage::new(&snapshot.maintenance),
+            pools,
+            snapshot,
+        }
+    }
+
+    /// The snapshot registry for `snapshot`: the running one reconfigured (copies of
+    /// unchanged pages kept), or a new one on the first config with snapshots.
+    fn snapshots(&self, snapshot: &Snapshot) -> Option<Arc<Snapshots>> {
+        let specs: Vec<SnapshotSpec> = snapshot
+            .snapshots
+            .iter()
+            .map(|s| SnapshotSpec {
+                name: s.name.clone(),
+                pool: snapshot.pools[s.pool].name.clone(),
+                host: s.host.clone(),
+                path: s.path.clone(),
+                refresh: s.refresh,
+                max_stale: s.max_stale,
+                ignore_cookies: s.ignore_cookies,
+            })
+            .collect();
+        let mut current = self.edge.lock();
+        if let Some(running) = current.as_ref() {
+            if let Err(e) = running.reconfigure(specs) {
+                tracing::error!(error = %e, "snapshots not reconfigured; the old ones stay");
+            }
+            return (!running.is_empty()).then(|| Arc::clone(running));
+        }
+        if specs.is_empty() || tokio::runtime::Handle::try_current().is_err() {
+            return None;
+        }
+        let fetcher = Arc::new(SnapshotFetch {
+            live: Arc::clone(&self.live),
+            pools: Arc::clone(&self.pools),
+        });
+        match Snapshots::new(specs, fetcher, self.metrics.snapshots().clone()) {
+            Ok(s) => {
+                let s = Arc::new(s);
+                *current = Some(Arc::clone(&s));
+                Some(s)
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "snapshots not started");
+                None
+            }
+        }
+    }
+
+    /// The access log for `snapshot`: the running one when its settings did not change.
+    fn access_log(&self, snapshot: &Snapshot) -> Option<AccessLog> {
+        let mut current = self.log.lock();
+        let spec = snapshot.access_log.as_ref()?;
+        if let Some((running, log)) = current.as_ref() {
+            if running == spec {
+                return Some(log.clone());
+            }
+        }
+        if tokio::runtime::Handle::try_current().is_err() {
+            return None;
+        }
+        match AccessLog::start(spec, self.metrics.access_log_dropped()) {
+            Ok(log) => {
+                *current = Some((spec.clone(), log.clone()));
+                Some(log)
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot open the access log; requests are not logged");
+                None
+            }
+        }
+    }
+
+    /// Handles one request from a client. `verdict`: what the raw scan of its head
+    /// found (HTTP/1; default for HTTP/2). `wire`: who writes the answer.
+    ///
+    /// Not an `async fn`: the block uses its arguments where it captured them (an
+    /// `async fn` keeps a second copy of them in its future, and every client
+    /// connection keeps room for this future).
+    // The point of this shape is the future's size; clippy's suggestion would undo it.
+    #[allow(clippy::manual_async_fn)]
+    pub fn handle<'a>(
+        &'a self,
+        mut req: Request<ReqBody>,
+        fwd: &'a Forwarded,
+        verdict: Verdict,
+        wire: Wire,
+    ) -> impl std::future::Future<Output = Response<Body>> + Send + 'a {
+        async move {
+            let live = self.live.load_full();
+            let listener = live
+                .snapshot
+                .listeners
+                .iter()
+                .find(|l| *l.name == *fwd.listener);
+            // Only with an access log: what the line needs from the request itself, and
+            // the clock (a clock read costs ~25 ns on this kind of VM).
+            let head = live
+                .access_log
+                .as_ref()
+                .map(|_| (RequestHead::of(&req), Instant::now()));
+            let mut facts = Facts::default();
+            let checked = strict::check(&req, verdict, &live.snapshot.limits)
+                .and_then(|()| tunnel::requested(&mut req, fwd));
+            let mut resp = match checked {
+                Ok(upgrade) => {
+                    self.respond(&live, listener, req, fwd, upgrade, wire, &mut facts)
+                        .await
+                }
+                Err(reject) => {
+                    let resp = refuse(reject);
+                    self.unrouted.inc(resp.status());
+                    resp
+                }
+            };
+            if fwd.tls.is_some() {
+                if let Some(hsts) = listener
+                    .and_then(|l| l.tls.as_ref())
+                    .and_then(|t| t.hsts.as_ref())
+                {
+                    resp.headers_mut()
+                        .insert(header::STRICT_TRANSPORT_SECURITY, hsts.clone());
+                }
+            }
+            if let (Some(log), Some((head, started))) = (&live.access_log, head) {
+                log.log(head.entry(&resp, fwd, facts, started.elapsed()));
+            }
+            resp
+        }
+    }
+
+    // The request's context, all borrowed from `handle`; a struct would only rename it.
+    #[allow(clippy::too_many_arguments)]
+    async fn respond(
+        &self,
+        live: &Live,
+        listener: Option<&ListenerSpec>,
+        mut req: Request<ReqBody>,
+        fwd: &Forwarded,
+        upgrade: Option<Upgrade>,
+        wire: Wire,
+        facts: &mut Facts,
+    ) -> Response<Body> {
+        if req.uri().path() == BEACON_PATH {
+            self.metrics.beacon();
+            recycle::give(std::mem::take(req.headers_mut()));
+            return beacon();
+        }
+        let host = request_host(&req);
+        match (&fwd.tls, listener) {
+            (None, Some(l)) if l.redirect_https => {
+                let resp = redirect_https(host, req.uri());
+                self.unrouted.inc(resp.status());
+                return resp;
+            }
+            (Some(info), Some(l)) => {
+                if let (Some(tls), Some(h)) = (&l.tls, host) {
+                    let h = strip_port(h);
+                    let for_host = certs::select(&tls.certificates, Some(h), tls.default);
+                    let for_sni =
+                        certs::select(&tls.certificates, info.sni.as_deref(), tls.default);
+                    if for_host != for_sni {
+                        let resp = local(
+                            StatusCode::MISDIRECTED_REQUEST,
+                            "misdirected_request",
+                            "This connection was opened for another site; open a new one for this host.\n",
+                        );
+                        self.unrouted.inc(resp.status());
+                        return resp;
+                    }
+                }
+            }
+            _ => {}
+        }
+        if let Some(edge) = &live.snapshots {
+            let target = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
+            if let Some(hit) = edge.serve(req.method(), host, target, req.headers()).await {
+                match live.pools.iter().find(|p| *p.name() == *hit.pool) {
+                    Some(pool) => pool.metrics.local.inc(hit.response.status()),
+                    None => self.unrouted.inc(hit.response.status()),
+                }
+                recycle::give(std::mem::take(req.headers_mut()));
+                return hit.response;
+            }
+        }
+        let Some(matched) = live.router.route(host, req.uri().path()) else {
+            let resp = local(
+                StatusCode::NOT_FOUND,
+                "no_route",
+                "No route for this host and path.\n",
+            );
+            self.unrouted.inc(resp.status());
+            return resp;
+        };
+        let class = matched.class.unwrap_or_else(|| class_of(req.method()));
+        let pool = &live.pools[matched.pool];
+        if live.access_log.is_some() {
+            facts.pool = Some(pool.name_arc());
+        }
+        let start = Instant::now();
+        let (parts, incoming) = req.into_parts();
+        let incoming = match incoming {
+            ReqBody::Hyper(incoming) if !http_body::Body::is_end_stream(&incoming) => {
+                Some(incoming)
+            }
+            _ => None,
+        };
+        let (acquired, body) = if let Some(incoming) = incoming {
+            let limits = &live.snapshot.limits;
+            let incoming = ClientBody::new(incoming, limits.body_timeout, limits.max_body_bytes);
+            match acquire_watching_body(pool, class, incoming).await {
+                Ok(done) => done,
+                Err(e) => {
+                    let resp = match BodyError::find(&e) {
+                        Some(b) => refuse(body_reject(b)),
+                        // The client went away while queued: it left the queue;
+                        // nobody is there to read an answer.
+                        None => local(StatusCode::BAD_REQUEST, "client_closed", "Client closed.\n"),
+                    };
+                    pool.metrics.local.inc(resp.status());
+                    return resp;
+                }
+            }
+        } else {
+            (pool.acquire(class).await, Body::Empty)
+        };
+        if live.access_log.is_some() {
+            facts.queue = Some(start.elapsed());
+        }
+        let resp = match acquired {
+            Ok(lease) => {
+                let timeouts = UpstreamTimeouts::from_limits(&live.snapshot.limits);
+                let call = Call {
+                    fwd,
+                    class,
+                    timeouts,
+                    upgrade,
+                };
+                forward(parts, body, lease, call, facts).await
+            }
+            Err(shed) => {
+                facts.shed = Some(shed.reason());
+                pool.metrics.shed(shed, class);
+                if parts.uri.path() == "/favicon.ico" {
+                    // The browser's own favicon fetch is not a page view: answer it
+                    // without the page, so pages and visitors count people.
+                    let resp = local(StatusCode::SERVICE_UNAVAILABLE, shed.reason(), "");
+                    pool.metrics.local.inc(resp.status());
+                    return resp;
+                }
+                let mut resp = live.page.response(
+                    class,
+                    parts.headers.get(header::ACCEPT_ENCODING),
+                    shed.reason(),
+                    wire,
+                );
+                recycle::give(parts.headers);
+                if !http_body::Body::is_end_stream(&body) {
+                    // The unread body must never be parsed as a next request: close.
+                    resp.headers_mut()
+                        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                }
+                pool.metrics.maintenance_pages.inc();
+                pool.metrics.local.inc(resp.status());
+                self.metrics.visitor(fwd.peer);
+                resp
+            }
+        };
+        pool.metrics.duration.observe(start.elapsed().as_secs_f64());
+        resp
+    }
+}
+
+/// Who writes an answer to the client: hyper (HTTP/2, and HTTP/1.1 requests hyper
+/// serves), which needs every header in the answer's `HeaderMap`, or launchday's own
+/// HTTP/1.1 writer ([`crate::h1_server`]), which also takes header lines encoded in
+/// advance ([`Body::Page`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wire {
+    Hyper,
+    Own,
+}
+
+/// What an access-log line needs from the request, taken before it is consumed
+/// (reference-counted clones: nothing is copied or formatted on the request path).
+struct RequestHead {
+    method: Method,
+    target: Uri,
+    version: &'static str,
+    host: Option<HeaderValue>,
+    referer: Option<HeaderValue>,
+    user_agent: Option<HeaderValue>,
+}
+
+impl RequestHead {
+    fn of<B>(req: &Request<B>) -> Self {
+        let h = req.headers();
+        RequestHead {
+            method: req.method().clone(),
+            target: req.uri().clone(),
+            version: match req.version() {
+                http::Version::HTTP_2 => "HTTP/2.0",
+                http::Version::HTTP_10 => "HTTP/1.0",
+                _ => "HTTP/1.1",
+            },
+            host: h.get(header::HOST).cloned(),
+            referer: h.get(header::REFERER).cloned(),
+            user_agent: h.get(header::USER_AGENT).cloned(),
+        }
+    }
+
+    fn entry(
+        self,
+        resp: &Response<Body>,
+        fwd: &Forwarded,
+        facts: Facts,
+        took: std::time::Duration,
+    ) -> Entry {
+        Entry {
+            time: crate::accesslog::now(),
+            client: fwd.peer,
+            method: self.method,
+            target: self.target,
+            version: self.version,
+            host: self.host,
+            status: resp.status().as_u16(),
+            bytes: http_body::Body::size_hint(resp.body()).exact(),
+            referer: self.referer,
+            user_agent: self.user_agent,
+            listener: Arc::clone(&fwd.listener),
+            pool: facts.pool,
+            backend: facts.backend,
+            upstream_seconds: facts.upstream.map(|d| d.as_secs_f64()),
+            queue_seconds: facts.queue.map(|d| d.as_secs_f64()),
+            shed: facts.shed,
+            duration_seconds: took.as_secs_f64(),
+        }
+    }
+}
+
+/// `308` to the same host, path and query over https (no host: `400`).
+fn redirect_https(host: Option<&str>, uri: &Uri) -> Response<Body> {
+    let Some(host) = host.map(strip_port).filter(|h| !h.is_empty()) else {
+        return local(
+            StatusCode::BAD_REQUEST,
+            "missing_host",
+            "A Host header is needed to redirect to https.\n",
+        );
+    };
+    let pq = uri.path_and_query().map_or("/", |pq| pq.as_str());
+    match HeaderValue::from_str(&format!("https://{host}{pq}")) {
+        Ok(location) => {
+            let mut resp = local(
+                StatusCode::PERMANENT_REDIRECT,
+                "redirect_https",
+                "Moved to https.\n",
+            );
+            resp.headers_mut().remove(X_LAUNCHDAY_ERROR.clone());
+            resp.headers_mut().insert(header::LOCATION, location);
+            resp
+        }
+        Err(_) => local(
+            StatusCode::BAD_REQUEST,
+            "bad_host",
+            "Invalid Host header.\n",
+        ),
+    }
+}
+
+/// `write` for methods that carry a user's submission, `read` for the rest.
+pub fn class_of(method: &Method) -> Class {
+    match *method {
+        Method::POST | Method::PUT | Method::PATCH | Method::DELETE => Class::Write,
+        _ => Class::Read,
+    }
+}
+
+fn beacon() -> Response<Body> {
+    let mut resp = Response::new(Body::Empty);
+    *resp.status_mut() = StatusCode::NO_CONTENT;
+    let h = resp.headers_mut();
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    h.insert(X_SERVED_BY.clone(), LAUNCHDAY.clone());
+    resp
+}
+
+/// Most request-body bytes read ahead while a request waits for admission.
+pub const PREFETCH_LIMIT: usize = 256 * 1024;
+
+/// Waits for admission while reading the request body ahead (up to
+/// [`PREFETCH_LIMIT`]). Reading is what lets hyper see a client that closes its
+/// connection while queued: then the wait is abandoned (`Err`), which takes the
+/// request out of the queue. The body read so far is replayed to the back end.
+async fn acquire_watching_body(
+    pool: &Arc<Pool>,
+    class: Class,
+    mut incoming: ClientBody,
+) -> Result<(Result<crate::pool::Lease, crate::pool::Shed>, Body), BodyError> {
+    use http_body_util::BodyExt;
+    let acquire = pool.acquire(class);
+    tokio::pin!(acquire);
+    let mut frames = std::collections::VecDeque::new();
+    let mut read = 0usize;
+    let mut ended = false;
+    let acquired = loop {
+        tokio::select! {
+            biased;
+            r = &mut acquire => break r,
+            f = incoming.frame(), if !ended && read < PREFETCH_LIMIT => match f {
+                Some(Ok(frame)) => {
+                    read += frame.data_ref().map_or(0, |d| d.len());
+                    frames.push_back(frame);
+                }
+                None => ended = true,
+                Some(Err(e)) => return Err(e),
+            },
+        }
+    };
+    Ok((acquired, Body::prefetched(frames, incoming)))
+}
+
+/// The origin-form target (path and query) of `uri`, sharing its bytes.
+fn origin_form(uri: &Uri) -> Uri {
+    let mut parts = http::uri::Parts::default();
+    parts.path_and_query = Some(
+        uri.path_and_query()
+            .cloned()
+            .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
+    );
+    Uri::from_parts(parts).unwrap_or_else(|_| Uri::from_static("/"))
+}
+
+/// What [`forward`] needs besides the request and its lease.
+struct Call<'a> {
+    fwd: &'a Forwarded,
+    class: Class,
+    timeouts: UpstreamTimeouts,
+    /// The upgrade the client asked for, if it did.
+    upgrade: Option<Upgrade>,
+}
+
+/// Sends the request to the leased back end. A failure that is safe to retry (nothing
+/// was sent, or an idempotent request without a body got no response byte) is tried
+/// again on another back end, up to the pool's `retries`, through the pool's normal
+/// admission (so retries respect `max_connections` and the queue). Every outcome
+/// feeds the back end's passive health.
+async fn forward(
+    mut parts: http::request::Parts,
+    body: Body,
+    mut lease: crate::pool::Lease,
+    call: Call<'_>,
+    facts: &mut Facts,
+) -> Response<Body> {
+    let Call {
+        fwd,
+        class,
+        timeouts,
+        upgrade,
+    } = call;
+    // Back ends get origin-form targets; absolute-form (and HTTP/2's
+    // `:authority`) was routed on its authority.
+    let absolute = parts.uri.scheme().is_some() || parts.uri.authority().is_some();
+    if absolute {
+        // RFC 9112 §3.2.2, RFC 9113 §8.3.1: the target's authority replaces any Host
+        // the client sent (before the rewrite, which adds a Host only if none).
+        if let Some(host) = parts
+            .uri
+            .authority()
+            .and_then(|a| recycle::host_value(a.as_str()))
+        {
+            parts.headers.insert(header::HOST, host);
+        }
+    }
+    headers::rewrite_request(&mut parts.headers, fwd, &lease.backend().spec.address_text);
+    if let Some(up) = &upgrade {
+        headers::keep_upgrade(&mut parts.headers, up.protocol().clone());
+    }
+    if absolute {
+        parts.uri = origin_form(&parts.uri);
+    }
+    parts.version = http::Version::HTTP_11;
+    let mut req = Request::from_parts(parts, body);
+    let pool = Arc::clone(lease.pool());
+    let mut tries_left = pool.retries();
+    loop {
+        let backend = lease.backend_arc();
+        let backend = &*backend;
+        // `facts.pool` is set only when an access line will be written.
+        let sent = facts.pool.is_some().then(Instant::now);
+        let result = backend.upstream.send(req, timeouts, lease).await;
+        if let Some(sent) = sent {
+            facts.backend = Some(backend.name_arc());
+            facts.upstream = Some(sent.elapsed());
+        }
+        match result {
+            Ok((resp, lease)) => {
+                if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+                    return switch(upgrade, resp, lease, backend);
+                }
+                pool.passive_result(backend, !resp.status().is_server_error());
+                let (mut parts, body) = resp.into_parts();
+                headers::rewrite_response(&mut parts.headers, backend.spec.served_by.as_ref());
+                backend.metrics.requests.inc(parts.status);
+                return Response::from_parts(parts, Body::upstream(body, lease));
+            }
+            Err((Failed { error, retry }, held)) => {
+                lease = held;
+                if let Some(b) = BodyError::find(&error) {
+                    // The client's body broke off (too slow, too big): not the back
+                    // end's fault, and not to be retried.
+                    let resp = refuse(body_reject(b));
+                    backend.metrics.requests.inc(resp.status());
+                    return resp;
+                }
+                pool.passive_result(backend, false);
+                let code = error.code();
+                let retry = retry.filter(|_| tries_left > 0);
+                let timed_out = timed_out(&error);
+                tracing::warn!(pool = %pool.name(), backend = %backend.spec.name, error = %error,
+                    retrying = retry.is_some(), "forwarding failed");
+                let Some(again) = retry else {
+                    let resp = if timed_out {
+                        local(
+                            StatusCode::GATEWAY_TIMEOUT,
+                            "upstream_timeout",
+                            "The back end did not answer in time.\n",
+                        )
+                    } else {
+                        local(
+                            StatusCode::BAD_GATEWAY,
+                            code,
+                            "The back end could not answer.\n",
+                        )
+                    };
+                    backend.metrics.requests.inc(resp.status());
+                    return resp;
+                };
+                tries_left -= 1;
+                let reason = usize::from(matches!(
+                    error,
+                    UpstreamError::AfterSend { .. } | UpstreamError::Exchange { .. }
+                ));
+                pool.metrics.retries[reason].inc();
+                let failed = lease.backend_arc();
+                drop(lease);
+                match pool.acquire_retry(class, &failed).await {
+                    Ok(next) => {
+                        lease = next;
+                        req = again;
+                    }
+                    Err(shed) => {
+                        let resp = local(
+                            StatusCode::BAD_GATEWAY,
+                            code,
+                            "The back end could not answer.\n",
+                        );
+                        tracing::warn!(pool = %pool.name(), reason = shed.reason(), "no back end for the retry");
+                        failed.metrics.requests.inc(resp.status());
+                        return resp;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The back end answered `101`: the tunnel if the client asked for this upgrade,
+/// else `502` (the back-end connection, switched, is closed).
+fn switch(
+    upgrade: Option<Upgrade>,
+    resp: Response<UpBody>,
+    lease: crate::pool::Lease,
+    backend: &crate::pool::Backend,
+) -> Response<Body> {
+    let pool = Arc::clone(lease.pool());
+    let (parts, body) = resp.into_parts();
+    let opened = match (upgrade, body) {
+        (Some(up), UpBody::Hyper(body, checkin)) => up.open(
+            Response::from_parts(parts, body),
+            checkin,
+            lease,
+            backend.spec.served_by.as_ref(),
+        ),
+        // The fast path carries no upgrade requests and refuses a `101` itself.
+        _ => Err(TunnelError::Unasked),
+    };
+    let resp = match opened {
+        Ok(resp) => {
+            pool.passive_result(backend, true);
+            resp
+        }
+        Err(e) => {
+            tracing::warn!(pool = %pool.name(), backend = %backend.spec.name, error = %e,
+                "refusing the back end's switch of protocols");
+            pool.passive_result(backend, false);
+            local(
+                StatusCode::BAD_GATEWAY,
+                e.code(),
+                "The back end switched protocols unexpectedly.\n",
+            )
+        }
+    };
+    backend.metrics.requests.inc(resp.status());
+    resp
+}
+
+/// Whether an upstream failure was a pause limit (`upstream_*_timeout`).
+fn timed_out(err: &UpstreamError) -> bool {
+    if matches!(err, UpstreamError::ConnectTimeout { .. }) {
+        return true;
+    }
+    let mut at: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(e) = at {
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            if io.kind() == std::io::ErrorKind::TimedOut {
+                return true;
+            }
+        }
+        at = e.source();
+    }
+    false
+}
+
+/// The host a request is for: the URI's authority (HTTP/2, absolute-form) or `Host`.
+pub fn request_host<B>(req: &Request<B>) -> Option<&str> {
+    if let Some(a) = req.uri().authority() {
+        return Some(a.as_str());
+    }
+    req.headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+}
+
+/// The answer to a refused request; the connection closes after it.
+fn refuse(reject: Reject) -> Response<Body> {
+    let mut resp = local(reject.status, reject.code, reject.text);
+    resp.headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    resp
+}
+
+/// The refusal for a request body cut by a limit.
+fn body_reject(e: &BodyError) -> Reject {
+    match e {
+        BodyError::TooLarge(_) => strict::too_large(),
+        BodyError::Client(_) | BodyError::Hyper(_) | BodyError::Upstream(_) => Reject {
+            status: StatusCode::BAD_REQUEST,
+            code: "bad_request_body",
+            text: "The request body could not be read.\n",
+        },
+        BodyError::Timeout(_) => Reject {
+            status: StatusCode::REQUEST_TIMEOUT,
+            code: "body_timeout",
+            text: "The request body stopped arriving.\n",
+        },
+    }
+}
+
+/// A locally generated answer.
+pub fn local(status: StatusCode, error: &'static str, text: &'static str) -> Response<Body> {
+    let mut resp = Response::new(Body::full(text));
+    *resp.status_mut() = status;
+    let h = resp.headers_mut();
+    h.insert(header::CONTENT_TYPE, TEXT_PLAIN.clone());
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    h.insert(X_SERVED_BY.clone(), LAUNCHDAY.clone());
+    h.insert(X_LAUNCHDAY_ERROR.clone(), HeaderValue::from_static(error));
+    resp
+}
+
+/// Fetches snapshot pages through the live config's pool: its admission (so a fetch
+/// takes a slot of `max_connections` and may be shed), selection and upstream
+/// connections, under the `[limits]` upstream timeouts.
+struct SnapshotFetch {
+    /// For the limits (a fetch may start before its config's live state is stored).
+    live: Arc<ArcSwap<Live>>,
+    /// The pools by name, updated before any snapshot of a config starts.
+    pools: Arc<Mutex<HashMap<String, Arc<Pool>>>>,
+}
+
+impl crate::edge::Fetch for SnapshotFetch {
+    fn fetch<'a>(&'a self, spec: &'a SnapshotSpec) -> FetchFuture<'a> {
+        Box::pin(async move {
+            use http_body_util::BodyExt;
+            let live = self.live.load_full();
+            let pool = self
+                .pools
+                .lock()
+                .get(&spec.pool)
+                .cloned()
+                .ok_or(FetchError::Shed("no_backend"))?;
+            let lease = pool
+                .acquire(Class::Read)
+                .await
+                .map_err(|shed| FetchError::Shed(shed.reason()))?;
+            let backend = lease.backend_arc();
+            let host = spec.host.as_deref().unwrap_or(&backend.spec.address_text);
+            let req = Request::get(spec.path.as_str())
+                .header(header::HOST, host)
+                .header(X_LAUNCHDAY_SNAPSHOT.clone(), "1")
+                .header(header::ACCEPT_ENCODING, "identity")
+                .body(Body::Empty)
+                .map_err(|e| FetchError::Upstream(Box::new(e)))?;
+            let timeouts = UpstreamTimeouts::from_limits(&live.snapshot.limits);
+            let (resp, lease) = match backend.upstream.send(req, timeouts, lease).await {
+                Ok(ok) => ok,
+                Err((failed, _lease)) => {
+                    pool.passive_result(&backend, false);
+                    return Err(FetchError::Upstream(Box::new(failed.error)));
+                }
+            };
+            let status = resp.status();
+            pool.passive_result(&backend, !status.is_server_error());
+            backend.metrics.requests.inc(status);
+            let (parts, body) = resp.into_parts();
+            let body = Body::upstream(body, lease);
+            let limit = crate::edge::MAX_BODY;
+            let collected = http_body_util::Limited::new(body, limit)
+                .collect()
+                .await
+                .map_err(|e| {
+                    if e.is::<http_body_util::LengthLimitError>() {
+                        FetchError::TooLarge(limit)
+                    } else {
+                        FetchError::Upstream(e)
+                    }
+                })?;
+            Ok(FetchedPage {
+                status,
+                headers: parts.headers,
+                body: collected.to_bytes(),
+            })
+        })
+    }
+}
