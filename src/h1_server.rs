@@ -234,29 +234,44 @@ where
         let head = req.method() == Method::HEAD;
         let verdict = track.begin();
         let in_flight = InFlight(Arc::clone(&track));
-        let answer = Answer::new(proxy.handle(req, fwd, verdict, Wire::Own), waited);
-        tokio::pin!(answer);
-        let mut polls = 0u32;
-        let resp = loop {
-            if buf.capacity() == buf.len() && buf.len() < max_head {
-                buf.reserve(READ_CHUNK);
-            }
-            tokio::select! {
-                biased;
-                resp = poll_fn(|cx| {
-                    polls += 1;
-                    answer.as_mut().poll(cx)
-                }) => break resp,
-                // Watch for the client leaving while its request waits (pipelined
-                // bytes are kept for later, up to one head's worth).
-                n = io.read_buf(&mut buf), if buf.len() < max_head => {
-                    if n? == 0 {
-                        return Ok(Exit::Closed);
+        // A connection whose last answer waited (proxied traffic) skips the shortcut:
+        // it would only look the route up twice.
+        let mut req = req;
+        let now = if waited {
+            None
+        } else {
+            proxy.maintenance_now(&mut req, fwd, verdict)
+        };
+        let resp = match now {
+            // The maintenance page of a pool in maintenance: no handler future.
+            Some(resp) => resp,
+            None => {
+                let answer = Answer::new(proxy.handle(req, fwd, verdict, Wire::Own), waited);
+                tokio::pin!(answer);
+                let mut polls = 0u32;
+                let resp = loop {
+                    if buf.capacity() == buf.len() && buf.len() < max_head {
+                        buf.reserve(READ_CHUNK);
                     }
-                }
+                    tokio::select! {
+                        biased;
+                        resp = poll_fn(|cx| {
+                            polls += 1;
+                            answer.as_mut().poll(cx)
+                        }) => break resp,
+                        // Watch for the client leaving while its request waits (pipelined
+                        // bytes are kept for later, up to one head's worth).
+                        n = io.read_buf(&mut buf), if buf.len() < max_head => {
+                            if n? == 0 {
+                                return Ok(Exit::Closed);
+                            }
+                        }
+                    }
+                };
+                waited = polls > 1;
+                resp
             }
         };
-        waited = polls > 1;
         if !stopping && flag.has_changed().unwrap_or(true) {
             stopping = *flag.borrow_and_update();
         }

@@ -6,11 +6,22 @@
 //! launchday answered itself; locally generated answers carry `X-Served-By: launchday`
 //! and an `X-Launchday-Error` saying why. An upgrade request whose back end answers
 //! `101` becomes a tunnel ([`crate::tunnel`]); its `101` is counted as a `1xx`.
+//!
+//! [`Proxy::maintenance_now`] is the own HTTP/1.1 loop's synchronous shortcut for a
+//! pool in manual maintenance: the same answer, counts and duration as
+//! [`Proxy::handle`], without building the handler's future; it declines (and
+//! `handle` does everything) whenever `handle` has more to do than that. Forwarding
+//! itself lives in `forward.rs`.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
+
+mod forward;
+
+pub use forward::PREFETCH_LIMIT;
+use forward::{acquire_watching_body, forward, Call};
 
 use arc_swap::ArcSwap;
 use http::header::{self, HeaderValue};
@@ -24,7 +35,7 @@ use crate::conn::Verdict;
 use crate::edge::{
     FetchError, FetchFuture, FetchedPage, SnapshotSpec, Snapshots, X_LAUNCHDAY_SNAPSHOT,
 };
-use crate::headers::{self, Forwarded, X_LAUNCHDAY_ERROR, X_SERVED_BY};
+use crate::headers::{Forwarded, X_LAUNCHDAY_ERROR, X_SERVED_BY};
 use crate::maintenance::{MaintenancePage, BEACON_PATH};
 use crate::metrics::{CodeCounters, Metrics};
 use crate::pool::Pool;
@@ -32,8 +43,8 @@ use crate::recycle;
 use crate::route::{strip_port, Router};
 use crate::strict::{self, Reject};
 use crate::tls::certs;
-use crate::tunnel::{self, TunnelError, Upgrade};
-use crate::upstream::{Failed, UpBody, Upstream, UpstreamError};
+use crate::tunnel::{self, Upgrade};
+use crate::upstream::Upstream;
 use crate::upstream_io::UpstreamTimeouts;
 
 /// What a request needs from the configuration, built once per snapshot.
@@ -394,35 +405,136 @@ impl Proxy {
             }
             Err(shed) => {
                 facts.shed = Some(shed.reason());
-                pool.metrics.shed(shed, class);
-                if parts.uri.path() == "/favicon.ico" {
-                    // The browser's own favicon fetch is not a page view: answer it
-                    // without the page, so pages and visitors count people.
-                    let resp = local(StatusCode::SERVICE_UNAVAILABLE, shed.reason(), "");
-                    pool.metrics.local.inc(resp.status());
-                    return resp;
-                }
-                let mut resp = live.page.response(
+                let unread = !http_body::Body::is_end_stream(&body);
+                let Some(resp) = self.shed_answer(
+                    live,
+                    pool,
                     class,
-                    parts.headers.get(header::ACCEPT_ENCODING),
-                    shed.reason(),
+                    shed,
+                    &parts.uri,
+                    parts.headers,
+                    unread,
                     wire,
-                );
-                recycle::give(parts.headers);
-                if !http_body::Body::is_end_stream(&body) {
-                    // The unread body must never be parsed as a next request: close.
-                    resp.headers_mut()
-                        .insert(header::CONNECTION, HeaderValue::from_static("close"));
-                }
-                pool.metrics.maintenance_pages.inc();
-                pool.metrics.local.inc(resp.status());
-                self.metrics.visitor(fwd.peer);
+                    fwd,
+                ) else {
+                    return favicon(pool, shed);
+                };
                 resp
             }
         };
         pool.metrics.duration.observe(start.elapsed().as_secs_f64());
         resp
     }
+}
+
+impl Proxy {
+    /// The maintenance page of a shed request (counted, its client counted as a
+    /// visitor); `None` for a browser's favicon fetch ([`favicon`]). A request whose
+    /// body was not read to its end closes the connection.
+    // The shed request's context, borrowed from the caller; a struct would only rename it.
+    #[allow(clippy::too_many_arguments)]
+    fn shed_answer(
+        &self,
+        live: &Live,
+        pool: &Pool,
+        class: Class,
+        shed: crate::pool::Shed,
+        uri: &Uri,
+        headers: http::HeaderMap,
+        unread_body: bool,
+        wire: Wire,
+        fwd: &Forwarded,
+    ) -> Option<Response<Body>> {
+        pool.metrics.shed(shed, class);
+        if uri.path() == "/favicon.ico" {
+            recycle::give(headers);
+            return None;
+        }
+        let mut resp = live.page.response(
+            class,
+            headers.get(header::ACCEPT_ENCODING),
+            shed.reason(),
+            wire,
+        );
+        recycle::give(headers);
+        if unread_body {
+            // The unread body must never be parsed as a next request: close.
+            resp.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        pool.metrics.maintenance_pages.inc();
+        pool.metrics.local.inc(resp.status());
+        self.metrics.visitor(fwd.peer);
+        Some(resp)
+    }
+
+    /// The own HTTP/1.1 loop's shortcut for launch day's most common answer: when
+    /// `req` (a simple request without a body) goes to a pool in manual maintenance,
+    /// its maintenance page, given synchronously so that the loop builds no handler
+    /// future for it — the same answer, counts and duration as [`Proxy::handle`]
+    /// gives. `None` sends the request to [`Proxy::handle`], which does all the
+    /// rest: a request the checks refuse, the beacon, a listener that redirects to
+    /// https, a config with edge snapshots or an access log (their work is done
+    /// there), and every pool not in manual maintenance (other sheds are decided
+    /// under the pool's lock, with the queue).
+    pub fn maintenance_now(
+        &self,
+        req: &mut Request<ReqBody>,
+        fwd: &Forwarded,
+        verdict: Verdict,
+    ) -> Option<Response<Body>> {
+        let live = self.live.load();
+        if live.access_log.is_some()
+            || live.snapshots.is_some()
+            || fwd.tls.is_some()
+            || !matches!(req.body(), ReqBody::Empty)
+            || req.uri().path() == BEACON_PATH
+            || req.headers().contains_key(header::UPGRADE)
+        {
+            return None;
+        }
+        strict::check(req, verdict, &live.snapshot.limits).ok()?;
+        let listener = live
+            .snapshot
+            .listeners
+            .iter()
+            .find(|l| *l.name == *fwd.listener);
+        if listener.is_some_and(|l| l.redirect_https) {
+            return None;
+        }
+        let matched = live.router.route(request_host(req), req.uri().path())?;
+        let pool = &live.pools[matched.pool];
+        if !pool.in_maintenance() {
+            return None;
+        }
+        let class = matched.class.unwrap_or_else(|| class_of(req.method()));
+        let start = Instant::now();
+        let headers = std::mem::take(req.headers_mut());
+        let shed = crate::pool::Shed::Manual;
+        let Some(resp) = self.shed_answer(
+            &live,
+            pool,
+            class,
+            shed,
+            req.uri(),
+            headers,
+            false,
+            Wire::Own,
+            fwd,
+        ) else {
+            return Some(favicon(pool, shed));
+        };
+        pool.metrics.duration.observe(start.elapsed().as_secs_f64());
+        Some(resp)
+    }
+}
+
+/// The answer to a browser's favicon fetch from a shed pool: not a page view, so
+/// it gets no page and is not counted as one (pages and visitors count people).
+fn favicon(pool: &Pool, shed: crate::pool::Shed) -> Response<Body> {
+    let resp = local(StatusCode::SERVICE_UNAVAILABLE, shed.reason(), "");
+    pool.metrics.local.inc(resp.status());
+    resp
 }
 
 /// Who writes an answer to the client: hyper (HTTP/2, and HTTP/1.1 requests hyper
@@ -538,243 +650,6 @@ fn beacon() -> Response<Body> {
     resp
 }
 
-/// Most request-body bytes read ahead while a request waits for admission.
-pub const PREFETCH_LIMIT: usize = 256 * 1024;
-
-/// Waits for admission while reading the request body ahead (up to
-/// [`PREFETCH_LIMIT`]). Reading is what lets hyper see a client that closes its
-/// connection while queued: then the wait is abandoned (`Err`), which takes the
-/// request out of the queue. The body read so far is replayed to the back end.
-async fn acquire_watching_body(
-    pool: &Arc<Pool>,
-    class: Class,
-    mut incoming: ClientBody,
-) -> Result<(Result<crate::pool::Lease, crate::pool::Shed>, Body), BodyError> {
-    use http_body_util::BodyExt;
-    let acquire = pool.acquire(class);
-    tokio::pin!(acquire);
-    let mut frames = std::collections::VecDeque::new();
-    let mut read = 0usize;
-    let mut ended = false;
-    let acquired = loop {
-        tokio::select! {
-            biased;
-            r = &mut acquire => break r,
-            f = incoming.frame(), if !ended && read < PREFETCH_LIMIT => match f {
-                Some(Ok(frame)) => {
-                    read += frame.data_ref().map_or(0, |d| d.len());
-                    frames.push_back(frame);
-                }
-                None => ended = true,
-                Some(Err(e)) => return Err(e),
-            },
-        }
-    };
-    Ok((acquired, Body::prefetched(frames, incoming)))
-}
-
-/// The origin-form target (path and query) of `uri`, sharing its bytes.
-fn origin_form(uri: &Uri) -> Uri {
-    let mut parts = http::uri::Parts::default();
-    parts.path_and_query = Some(
-        uri.path_and_query()
-            .cloned()
-            .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
-    );
-    Uri::from_parts(parts).unwrap_or_else(|_| Uri::from_static("/"))
-}
-
-/// What [`forward`] needs besides the request and its lease.
-struct Call<'a> {
-    fwd: &'a Forwarded,
-    class: Class,
-    timeouts: UpstreamTimeouts,
-    /// The upgrade the client asked for, if it did.
-    upgrade: Option<Upgrade>,
-}
-
-/// Sends the request to the leased back end. A failure that is safe to retry (nothing
-/// was sent, or an idempotent request without a body got no response byte) is tried
-/// again on another back end, up to the pool's `retries`, through the pool's normal
-/// admission (so retries respect `max_connections` and the queue). Every outcome
-/// feeds the back end's passive health.
-async fn forward(
-    mut parts: http::request::Parts,
-    body: Body,
-    mut lease: crate::pool::Lease,
-    call: Call<'_>,
-    facts: &mut Facts,
-) -> Response<Body> {
-    let Call {
-        fwd,
-        class,
-        timeouts,
-        upgrade,
-    } = call;
-    // Back ends get origin-form targets; absolute-form (and HTTP/2's
-    // `:authority`) was routed on its authority.
-    let absolute = parts.uri.scheme().is_some() || parts.uri.authority().is_some();
-    if absolute {
-        // RFC 9112 §3.2.2, RFC 9113 §8.3.1: the target's authority replaces any Host
-        // the client sent (before the rewrite, which adds a Host only if none).
-        if let Some(host) = parts
-            .uri
-            .authority()
-            .and_then(|a| recycle::host_value(a.as_str()))
-        {
-            parts.headers.insert(header::HOST, host);
-        }
-    }
-    headers::rewrite_request(&mut parts.headers, fwd, &lease.backend().spec.address_text);
-    if let Some(up) = &upgrade {
-        headers::keep_upgrade(&mut parts.headers, up.protocol().clone());
-    }
-    if absolute {
-        parts.uri = origin_form(&parts.uri);
-    }
-    parts.version = http::Version::HTTP_11;
-    let mut req = Request::from_parts(parts, body);
-    let pool = Arc::clone(lease.pool());
-    let mut tries_left = pool.retries();
-    loop {
-        let backend = lease.backend_arc();
-        let backend = &*backend;
-        // `facts.pool` is set only when an access line will be written.
-        let sent = facts.pool.is_some().then(Instant::now);
-        let result = backend.upstream.send(req, timeouts, lease).await;
-        if let Some(sent) = sent {
-            facts.backend = Some(backend.name_arc());
-            facts.upstream = Some(sent.elapsed());
-        }
-        match result {
-            Ok((resp, lease)) => {
-                if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-                    return switch(upgrade, resp, lease, backend);
-                }
-                pool.passive_result(backend, !resp.status().is_server_error());
-                let (mut parts, body) = resp.into_parts();
-                headers::rewrite_response(&mut parts.headers, backend.spec.served_by.as_ref());
-                backend.metrics.requests.inc(parts.status);
-                return Response::from_parts(parts, Body::upstream(body, lease));
-            }
-            Err((Failed { error, retry }, held)) => {
-                lease = held;
-                if let Some(b) = BodyError::find(&error) {
-                    // The client's body broke off (too slow, too big): not the back
-                    // end's fault, and not to be retried.
-                    let resp = refuse(body_reject(b));
-                    backend.metrics.requests.inc(resp.status());
-                    return resp;
-                }
-                pool.passive_result(backend, false);
-                let code = error.code();
-                let retry = retry.filter(|_| tries_left > 0);
-                let timed_out = timed_out(&error);
-                tracing::warn!(pool = %pool.name(), backend = %backend.spec.name, error = %error,
-                    retrying = retry.is_some(), "forwarding failed");
-                let Some(again) = retry else {
-                    let resp = if timed_out {
-                        local(
-                            StatusCode::GATEWAY_TIMEOUT,
-                            "upstream_timeout",
-                            "The back end did not answer in time.\n",
-                        )
-                    } else {
-                        local(
-                            StatusCode::BAD_GATEWAY,
-                            code,
-                            "The back end could not answer.\n",
-                        )
-                    };
-                    backend.metrics.requests.inc(resp.status());
-                    return resp;
-                };
-                tries_left -= 1;
-                let reason = usize::from(matches!(
-                    error,
-                    UpstreamError::AfterSend { .. } | UpstreamError::Exchange { .. }
-                ));
-                pool.metrics.retries[reason].inc();
-                let failed = lease.backend_arc();
-                drop(lease);
-                match pool.acquire_retry(class, &failed).await {
-                    Ok(next) => {
-                        lease = next;
-                        req = again;
-                    }
-                    Err(shed) => {
-                        let resp = local(
-                            StatusCode::BAD_GATEWAY,
-                            code,
-                            "The back end could not answer.\n",
-                        );
-                        tracing::warn!(pool = %pool.name(), reason = shed.reason(), "no back end for the retry");
-                        failed.metrics.requests.inc(resp.status());
-                        return resp;
-                    }
-                }
-            }
-        }
-    }
-}
-
-/// The back end answered `101`: the tunnel if the client asked for this upgrade,
-/// else `502` (the back-end connection, switched, is closed).
-fn switch(
-    upgrade: Option<Upgrade>,
-    resp: Response<UpBody>,
-    lease: crate::pool::Lease,
-    backend: &crate::pool::Backend,
-) -> Response<Body> {
-    let pool = Arc::clone(lease.pool());
-    let (parts, body) = resp.into_parts();
-    let opened = match (upgrade, body) {
-        (Some(up), UpBody::Hyper(body, checkin)) => up.open(
-            Response::from_parts(parts, body),
-            checkin,
-            lease,
-            backend.spec.served_by.as_ref(),
-        ),
-        // The fast path carries no upgrade requests and refuses a `101` itself.
-        _ => Err(TunnelError::Unasked),
-    };
-    let resp = match opened {
-        Ok(resp) => {
-            pool.passive_result(backend, true);
-            resp
-        }
-        Err(e) => {
-            tracing::warn!(pool = %pool.name(), backend = %backend.spec.name, error = %e,
-                "refusing the back end's switch of protocols");
-            pool.passive_result(backend, false);
-            local(
-                StatusCode::BAD_GATEWAY,
-                e.code(),
-                "The back end switched protocols unexpectedly.\n",
-            )
-        }
-    };
-    backend.metrics.requests.inc(resp.status());
-    resp
-}
-
-/// Whether an upstream failure was a pause limit (`upstream_*_timeout`).
-fn timed_out(err: &UpstreamError) -> bool {
-    if matches!(err, UpstreamError::ConnectTimeout { .. }) {
-        return true;
-    }
-    let mut at: Option<&(dyn std::error::Error + 'static)> = Some(err);
-    while let Some(e) = at {
-        if let Some(io) = e.downcast_ref::<std::io::Error>() {
-            if io.kind() == std::io::ErrorKind::TimedOut {
-                return true;
-            }
-        }
-        at = e.source();
-    }
-    false
-}
-
 /// The host a request is for: the URI's authority (HTTP/2, absolute-form) or `Host`.
 pub fn request_host<B>(req: &Request<B>) -> Option<&str> {
     if let Some(a) = req.uri().authority() {
@@ -887,3 +762,6 @@ impl crate::edge::Fetch for SnapshotFetch {
         })
     }
 }
+
+#[cfg(test)]
+mod tests;
