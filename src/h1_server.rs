@@ -133,7 +133,7 @@ where
     // its next one is not boxed under fair scheduling ([`Answer::new`]).
     let mut waited = false;
     loop {
-        let req = loop {
+        let mut req = loop {
             if !buf.is_empty() {
                 match parse(&mut buf, max_head, max_fields) {
                     Parsed::Simple(req) => break req,
@@ -236,7 +236,6 @@ where
         let in_flight = InFlight(Arc::clone(&track));
         // A connection whose last answer waited (proxied traffic) skips the shortcut:
         // it would only look the route up twice.
-        let mut req = req;
         let now = if waited {
             None
         } else {
