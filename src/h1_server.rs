@@ -63,7 +63,7 @@ use tokio::time::Instant;
 
 use crate::body::{Body, ReqBody};
 use crate::config::LimitsSpec;
-use crate::conn::{ClientIo, InFlight};
+use crate::conn::{ClientIo, InFlight, Track, Verdict};
 use crate::headers::Forwarded;
 use crate::listener::Counted;
 use crate::park::{Parkable, Wake};
@@ -123,20 +123,27 @@ where
     let mut watch = stop.clone();
     let stopped = async move { watch.wait_for(|stopped| *stopped).await.is_ok() };
     tokio::pin!(stopped);
-    // The listener's stop, read per answer: a check of the channel's version (one
-    // line shared by every connection) on a receiver of this loop's own, rather than
-    // a read lock through the caller's receiver (cold by the connection's next turn
-    // when many connections take turns).
-    let mut flag = stop.clone();
-    let mut stopping = *flag.borrow_and_update();
+    // The listener's stop, read per answer.
+    let mut stopping = Stopping::new(stop.clone());
     // Whether this connection's last answer waited (a back end's answer, a queue):
     // its next one is not boxed under fair scheduling ([`Answer::new`]).
     let mut waited = false;
+    // A request for the handler, or an answer that is not a prebuilt page: kept
+    // apart from `Ready` so that a page's way never moves them ([`begin`]).
+    let mut held = None;
     loop {
-        let mut req = loop {
+        // What the next request asks for, decided without awaiting, so that a
+        // request answered at once lives and dies on the stack (warm) instead of in
+        // this loop's future (cold by the connection's next turn when many
+        // connections take turns): only the small `Ready` is kept across awaits,
+        // and the request goes to `held` (written only when the handler needs it).
+        let (ready, in_flight) = loop {
             if !buf.is_empty() {
+                // No await in this match: the parsed request is not kept in the future.
                 match parse(&mut buf, max_head, max_fields) {
-                    Parsed::Simple(req) => break req,
+                    Parsed::Simple(req) => {
+                        break begin(req, &track, proxy, fwd, waited, &mut stopping, &mut held);
+                    }
                     Parsed::Other => {
                         track.set_scanning(true);
                         track.scan_head(&buf);
@@ -144,37 +151,36 @@ where
                         io.set_caller_deadlines(false);
                         return Ok(Exit::Handoff);
                     }
-                    Parsed::Partial => {
-                        // The rest of the head, within the head's deadline.
-                        buf.reserve(READ_CHUNK);
-                        let n = loop {
-                            let Some((deadline, answer)) = track.read_deadline() else {
-                                break io.read_buf(&mut buf).await?;
-                            };
-                            if look.deadline() != deadline {
-                                look.as_mut().reset(deadline);
-                                look_fired = false;
-                            }
-                            tokio::select! {
-                                biased;
-                                n = io.read_buf(&mut buf) => break n?,
-                                () = &mut look => {
-                                    look_fired = true;
-                                    if deadline <= Instant::now() {
-                                        if answer {
-                                            io.request_timeout().await;
-                                        }
-                                        return Ok(Exit::Closed);
-                                    }
-                                }
-                            }
-                        };
-                        if n == 0 {
-                            return Ok(Exit::Closed);
-                        }
-                        continue;
-                    }
+                    Parsed::Partial => {}
                 }
+                // The rest of the head, within the head's deadline.
+                buf.reserve(READ_CHUNK);
+                let n = loop {
+                    let Some((deadline, answer)) = track.read_deadline() else {
+                        break io.read_buf(&mut buf).await?;
+                    };
+                    if look.deadline() != deadline {
+                        look.as_mut().reset(deadline);
+                        look_fired = false;
+                    }
+                    tokio::select! {
+                        biased;
+                        n = io.read_buf(&mut buf) => break n?,
+                        () = &mut look => {
+                            look_fired = true;
+                            if deadline <= Instant::now() {
+                                if answer {
+                                    io.request_timeout().await;
+                                }
+                                return Ok(Exit::Closed);
+                            }
+                        }
+                    }
+                };
+                if n == 0 {
+                    return Ok(Exit::Closed);
+                }
+                continue;
             }
             // Idle between requests: once nothing is there to read, the empty buffer
             // goes back to the worker, and the next bytes go to the worker's warm one
@@ -231,51 +237,44 @@ where
             }
         };
         served = true;
-        let head = req.method() == Method::HEAD;
-        let verdict = track.begin();
-        let in_flight = InFlight(Arc::clone(&track));
-        // A connection whose last answer waited (proxied traffic) skips the shortcut:
-        // it would only look the route up twice.
-        let now = if waited {
-            None
-        } else {
-            proxy.maintenance_now(&mut req, fwd, verdict)
-        };
-        let resp = match now {
-            // The maintenance page of a pool in maintenance: no handler future.
-            Some(resp) => resp,
-            None => {
-                let answer = Answer::new(proxy.handle(req, fwd, verdict, Wire::Own), waited);
-                tokio::pin!(answer);
-                let mut polls = 0u32;
-                let resp = loop {
-                    if buf.capacity() == buf.len() && buf.len() < max_head {
-                        buf.reserve(READ_CHUNK);
-                    }
-                    tokio::select! {
-                        biased;
-                        resp = poll_fn(|cx| {
-                            polls += 1;
-                            answer.as_mut().poll(cx)
-                        }) => break resp,
-                        // Watch for the client leaving while its request waits (pipelined
-                        // bytes are kept for later, up to one head's worth).
-                        n = io.read_buf(&mut buf), if buf.len() < max_head => {
-                            if n? == 0 {
-                                return Ok(Exit::Closed);
+        let keep = match ready {
+            Ready::Page { whole, close } => {
+                io.write_all(&whole).await?;
+                io.flush().await?;
+                !close
+            }
+            Ready::Held => match held.take() {
+                Some(Held::Now { resp, head }) => write(io, resp, head, stopping.keep).await?,
+                Some(Held::Handle { req, verdict, head }) => {
+                    let answer = Answer::new(proxy.handle(req, fwd, verdict, Wire::Own), waited);
+                    tokio::pin!(answer);
+                    let mut polls = 0u32;
+                    let resp = loop {
+                        if buf.capacity() == buf.len() && buf.len() < max_head {
+                            buf.reserve(READ_CHUNK);
+                        }
+                        tokio::select! {
+                            biased;
+                            resp = poll_fn(|cx| {
+                                polls += 1;
+                                answer.as_mut().poll(cx)
+                            }) => break resp,
+                            // Watch for the client leaving while its request waits (pipelined
+                            // bytes are kept for later, up to one head's worth).
+                            n = io.read_buf(&mut buf), if buf.len() < max_head => {
+                                if n? == 0 {
+                                    return Ok(Exit::Closed);
+                                }
                             }
                         }
-                    }
-                };
-                waited = polls > 1;
-                resp
-            }
+                    };
+                    waited = polls > 1;
+                    write(io, resp, head, stopping.keep_alive()).await?
+                }
+                // `begin` fills `held` whenever it answers `Ready::Held`.
+                None => return Err(io::Error::other("no request held for its answer")),
+            },
         };
-        if !stopping && flag.has_changed().unwrap_or(true) {
-            stopping = *flag.borrow_and_update();
-        }
-        let keep_alive = !stopping;
-        let keep = write(io, resp, head, keep_alive).await?;
         drop(in_flight);
         if !keep {
             let _ = io.shutdown().await;
@@ -284,6 +283,105 @@ where
         if !buf.is_empty() {
             track.rescan(&buf);
         }
+    }
+}
+
+/// A parsed request's next step ([`begin`]). Small on purpose: it is kept in the
+/// connection's future across the answer's write, and moving a value as large as
+/// a request there for every page would write lines that are cold by the
+/// connection's next turn when many connections take turns.
+enum Ready {
+    /// The whole answer's bytes, and whether the connection closes after them.
+    Page { whole: bytes::Bytes, close: bool },
+    /// The rest is in the connection's [`Held`] slot.
+    Held,
+}
+
+/// What [`begin`] leaves for the connection's loop when it is not a whole page.
+enum Held {
+    /// An answer decided at once that is not a whole prebuilt page (`HEAD`, the
+    /// favicon's).
+    Now { resp: Response<Body>, head: bool },
+    /// For the handler ([`Proxy::handle`]).
+    Handle {
+        req: Request<ReqBody>,
+        verdict: Verdict,
+        head: bool,
+    },
+}
+
+/// Begins a parsed request (`Track::begin`: it is in flight until the returned
+/// guard drops) and answers it at once where [`Proxy::maintenance_now`] can,
+/// encoded into this worker's prebuilt page when it is one; anything else goes to
+/// `held`. A connection whose last answer `waited` (proxied traffic) skips the
+/// shortcut: it would only look the route up twice.
+fn begin(
+    mut req: Request<ReqBody>,
+    track: &Arc<Track>,
+    proxy: &Proxy,
+    fwd: &Forwarded,
+    waited: bool,
+    stopping: &mut Stopping,
+    held: &mut Option<Held>,
+) -> (Ready, InFlight) {
+    let head = req.method() == Method::HEAD;
+    let verdict = track.begin();
+    let in_flight = InFlight(Arc::clone(track));
+    let now = if waited {
+        None
+    } else {
+        proxy.maintenance_now(&mut req, fwd, verdict)
+    };
+    let Some(resp) = now else {
+        *held = Some(Held::Handle { req, verdict, head });
+        return (Ready::Held, in_flight);
+    };
+    drop(req);
+    let keep_alive = stopping.keep_alive();
+    if let (
+        false,
+        true,
+        Body::Page {
+            head: lines,
+            body: Some(page),
+        },
+    ) = (head, resp.headers().is_empty(), resp.body())
+    {
+        let mut out = crate::recycle::take_out();
+        let cached = cached_page(resp.status(), lines, page, keep_alive, &mut out);
+        crate::recycle::give_out(out);
+        if let Some((whole, close)) = cached {
+            crate::recycle::give(resp.into_parts().0.headers);
+            return (Ready::Page { whole, close }, in_flight);
+        }
+    }
+    *held = Some(Held::Now { resp, head });
+    (Ready::Held, in_flight)
+}
+
+/// The listener's stop, read per answer: a check of the channel's version (one
+/// line shared by every connection) on a receiver of the loop's own, rather than
+/// a read lock through the caller's receiver (cold by the connection's next turn
+/// when many connections take turns).
+struct Stopping {
+    flag: watch::Receiver<bool>,
+    /// The answer last checked may keep the connection open.
+    keep: bool,
+}
+
+impl Stopping {
+    fn new(mut flag: watch::Receiver<bool>) -> Self {
+        let keep = !*flag.borrow_and_update();
+        Stopping { flag, keep }
+    }
+
+    /// Whether the connection may stay open after this answer: not once the
+    /// listener is stopping.
+    fn keep_alive(&mut self) -> bool {
+        if self.keep && self.flag.has_changed().unwrap_or(true) {
+            self.keep = !*self.flag.borrow_and_update();
+        }
+        self.keep
     }
 }
 

@@ -21,7 +21,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use common::{config, Backend, Balancer, ScriptedBackend, SlowBackend, STEP};
+use common::{config, metric, Backend, Balancer, ScriptedBackend, SlowBackend, STEP};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -944,6 +944,53 @@ async fn shutdown_answers_requests_in_flight_with_connection_close_then_closes()
     assert!(drained, "every connection finished within the grace period");
     let seen: Vec<String> = slow.requests().iter().map(|r| r.uri.to_string()).collect();
     assert_eq!(seen, ["/slow-get", "/slow-post"]);
+}
+
+/// The maintenance page answered at once (no handler) to a request that arrives
+/// while the balancer stops: it says `connection: close`, and the connection closes
+/// after it, the page whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_maintenance_page_asked_for_during_shutdown_says_close_then_closes() {
+    let slow = SlowBackend::held("slow", Duration::ZERO).await;
+    let lb = Balancer::start(&lb_config(slow.addr, "", "")).await;
+
+    // A connection accepted before the shutdown, its first request not yet sent
+    // (a connection is not stopped before its first request).
+    let mut late = Wire::connect(lb.v4).await;
+    let open = "launchday_connections{listener=\"public\"}";
+    let deadline = tokio::time::Instant::now() + STEP;
+    while metric(&lb.metrics().await, open) != Some(1.0) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "connection accepted"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // A request in flight keeps the balancer stopping (not stopped) meanwhile.
+    let mut busy = Wire::connect(lb.v6).await;
+    busy.send(get("/slow-get").as_bytes()).await;
+    slow.wait_count(1).await;
+
+    let server = Arc::clone(&lb.server);
+    let shutdown = tokio::spawn(async move { server.shutdown(Duration::from_secs(10)).await });
+    wait_refused(lb.v4).await;
+
+    late.send(get("/maint/late").as_bytes()).await;
+    let r = late.response().await;
+    assert_eq!(r.status, 503, "{r:?}");
+    assert!(r.says_close(), "connection: close expected: {r:?}");
+    assert!(r.text().contains("<html"), "the page: {r:?}");
+    assert_dated_and_sized(&r, r.body.len(), "page while stopping");
+    let rest = late.closed(Duration::from_secs(3)).await;
+    assert!(rest.is_empty(), "{:?}", String::from_utf8_lossy(&rest));
+
+    slow.release();
+    assert_eq!(busy.response().await.status, 200);
+    let drained = tokio::time::timeout(STEP, shutdown)
+        .await
+        .expect("shutdown in time")
+        .expect("shutdown task");
+    assert!(drained);
 }
 
 // ---------------------------------------------------------------------------------
