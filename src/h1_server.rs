@@ -130,7 +130,7 @@ where
     let mut waited = false;
     // A request for the handler, or an answer that is not a prebuilt page: kept
     // apart from `Ready` so that a page's way never moves them ([`begin`]).
-    let mut held = None;
+    let mut held = Held::default();
     loop {
         // What the next request asks for, decided without awaiting, so that a
         // request answered at once lives and dies on the stack (warm) instead of in
@@ -243,37 +243,41 @@ where
                 io.flush().await?;
                 !close
             }
-            Ready::Held => match held.take() {
-                Some(Held::Now { resp, head }) => write(io, resp, head, stopping.keep).await?,
-                Some(Held::Handle { req, verdict, head }) => {
-                    let answer = Answer::new(proxy.handle(req, fwd, verdict, Wire::Own), waited);
-                    tokio::pin!(answer);
-                    let mut polls = 0u32;
-                    let resp = loop {
-                        if buf.capacity() == buf.len() && buf.len() < max_head {
-                            buf.reserve(READ_CHUNK);
-                        }
-                        tokio::select! {
-                            biased;
-                            resp = poll_fn(|cx| {
-                                polls += 1;
-                                answer.as_mut().poll(cx)
-                            }) => break resp,
-                            // Watch for the client leaving while its request waits (pipelined
-                            // bytes are kept for later, up to one head's worth).
-                            n = io.read_buf(&mut buf), if buf.len() < max_head => {
-                                if n? == 0 {
-                                    return Ok(Exit::Closed);
-                                }
+            Ready::Now => {
+                let Some((resp, head)) = held.now.take() else {
+                    return Err(unheld());
+                };
+                write(io, resp, head, stopping.keep).await?
+            }
+            Ready::Handle => {
+                let Some((req, verdict, head)) = held.request.take() else {
+                    return Err(unheld());
+                };
+                let answer = Answer::new(proxy.handle(req, fwd, verdict, Wire::Own), waited);
+                tokio::pin!(answer);
+                let mut polls = 0u32;
+                let resp = loop {
+                    if buf.capacity() == buf.len() && buf.len() < max_head {
+                        buf.reserve(READ_CHUNK);
+                    }
+                    tokio::select! {
+                        biased;
+                        resp = poll_fn(|cx| {
+                            polls += 1;
+                            answer.as_mut().poll(cx)
+                        }) => break resp,
+                        // Watch for the client leaving while its request waits (pipelined
+                        // bytes are kept for later, up to one head's worth).
+                        n = io.read_buf(&mut buf), if buf.len() < max_head => {
+                            if n? == 0 {
+                                return Ok(Exit::Closed);
                             }
                         }
-                    };
-                    waited = polls > 1;
-                    write(io, resp, head, stopping.keep_alive()).await?
-                }
-                // `begin` fills `held` whenever it answers `Ready::Held`.
-                None => return Err(io::Error::other("no request held for its answer")),
-            },
+                    }
+                };
+                waited = polls > 1;
+                write(io, resp, head, stopping.keep_alive()).await?
+            }
         };
         drop(in_flight);
         if !keep {
@@ -293,21 +297,29 @@ where
 enum Ready {
     /// The whole answer's bytes, and whether the connection closes after them.
     Page { whole: bytes::Bytes, close: bool },
-    /// The rest is in the connection's [`Held`] slot.
-    Held,
+    /// An answer decided at once that is not a whole prebuilt page (`HEAD`, the
+    /// favicon's): in [`Held::now`].
+    Now,
+    /// For the handler ([`Proxy::handle`]): in [`Held::request`].
+    Handle,
 }
 
-/// What [`begin`] leaves for the connection's loop when it is not a whole page.
-enum Held {
-    /// An answer decided at once that is not a whole prebuilt page (`HEAD`, the
-    /// favicon's).
-    Now { resp: Response<Body>, head: bool },
-    /// For the handler ([`Proxy::handle`]).
-    Handle {
-        req: Request<ReqBody>,
-        verdict: Verdict,
-        head: bool,
-    },
+/// What [`begin`] leaves for the connection's loop besides a whole page, each in a
+/// slot of its own that the loop empties in a statement of its own: the value then
+/// moves through the stack into the future that uses it. (Matched out of an enum,
+/// it would keep the enum in the connection's future while that future waits.)
+#[derive(Default)]
+struct Held {
+    /// An answer and whether the request was `HEAD`.
+    now: Option<(Response<Body>, bool)>,
+    /// A request, its verdict and whether it is `HEAD`.
+    request: Option<(Request<ReqBody>, Verdict, bool)>,
+}
+
+/// The error for a `Ready` whose [`Held`] slot is empty, which [`begin`] never
+/// returns (it fills the slot it names).
+fn unheld() -> io::Error {
+    io::Error::other("no request held for its answer")
 }
 
 /// Begins a parsed request (`Track::begin`: it is in flight until the returned
@@ -322,7 +334,7 @@ fn begin(
     fwd: &Forwarded,
     waited: bool,
     stopping: &mut Stopping,
-    held: &mut Option<Held>,
+    held: &mut Held,
 ) -> (Ready, InFlight) {
     let head = req.method() == Method::HEAD;
     let verdict = track.begin();
@@ -333,8 +345,8 @@ fn begin(
         proxy.maintenance_now(&mut req, fwd, verdict)
     };
     let Some(resp) = now else {
-        *held = Some(Held::Handle { req, verdict, head });
-        return (Ready::Held, in_flight);
+        held.request = Some((req, verdict, head));
+        return (Ready::Handle, in_flight);
     };
     drop(req);
     let keep_alive = stopping.keep_alive();
@@ -355,8 +367,8 @@ fn begin(
             return (Ready::Page { whole, close }, in_flight);
         }
     }
-    *held = Some(Held::Now { resp, head });
-    (Ready::Held, in_flight)
+    held.now = Some((resp, head));
+    (Ready::Now, in_flight)
 }
 
 /// The listener's stop, read per answer: a check of the channel's version (one

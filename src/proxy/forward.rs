@@ -82,119 +82,123 @@ pub(super) struct Call<'a> {
 /// again on another back end, up to the pool's `retries`, through the pool's normal
 /// admission (so retries respect `max_connections` and the queue). Every outcome
 /// feeds the back end's passive health.
-pub(super) async fn forward(
+// Not an `async fn`, for the future's size: the block uses its arguments where it
+// captured them (an `async fn` keeps a second copy of each in its future), and this
+// future is moved whole into the caller's when it is awaited.
+#[allow(clippy::manual_async_fn)]
+pub(super) fn forward<'a>(
     mut parts: http::request::Parts,
     body: Body,
     mut lease: crate::pool::Lease,
-    call: Call<'_>,
-    facts: &mut Facts,
-) -> Response<Body> {
-    let Call {
-        fwd,
-        class,
-        timeouts,
-        upgrade,
-    } = call;
-    // Back ends get origin-form targets; absolute-form (and HTTP/2's
-    // `:authority`) was routed on its authority.
-    let absolute = parts.uri.scheme().is_some() || parts.uri.authority().is_some();
-    if absolute {
-        // RFC 9112 §3.2.2, RFC 9113 §8.3.1: the target's authority replaces any Host
-        // the client sent (before the rewrite, which adds a Host only if none).
-        if let Some(host) = parts
-            .uri
-            .authority()
-            .and_then(|a| recycle::host_value(a.as_str()))
-        {
-            parts.headers.insert(header::HOST, host);
-        }
-    }
-    headers::rewrite_request(&mut parts.headers, fwd, &lease.backend().spec.address_text);
-    if let Some(up) = &upgrade {
-        headers::keep_upgrade(&mut parts.headers, up.protocol().clone());
-    }
-    if absolute {
-        parts.uri = origin_form(&parts.uri);
-    }
-    parts.version = http::Version::HTTP_11;
-    let mut req = Request::from_parts(parts, body);
-    let pool = Arc::clone(lease.pool());
-    let mut tries_left = pool.retries();
-    loop {
-        let backend = lease.backend_arc();
-        let backend = &*backend;
-        // `facts.pool` is set only when an access line will be written.
-        let sent = facts.pool.is_some().then(Instant::now);
-        let result = backend.upstream.send(req, timeouts, lease).await;
-        if let Some(sent) = sent {
-            facts.backend = Some(backend.name_arc());
-            facts.upstream = Some(sent.elapsed());
-        }
-        match result {
-            Ok((resp, lease)) => {
-                if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-                    return switch(upgrade, resp, lease, backend);
-                }
-                pool.passive_result(backend, !resp.status().is_server_error());
-                let (mut parts, body) = resp.into_parts();
-                headers::rewrite_response(&mut parts.headers, backend.spec.served_by.as_ref());
-                backend.metrics.requests.inc(parts.status);
-                return Response::from_parts(parts, Body::upstream(body, lease));
+    call: Call<'a>,
+    facts: &'a mut Facts,
+) -> impl std::future::Future<Output = Response<Body>> + Send + 'a {
+    async move {
+        // Back ends get origin-form targets; absolute-form (and HTTP/2's
+        // `:authority`) was routed on its authority.
+        let absolute = parts.uri.scheme().is_some() || parts.uri.authority().is_some();
+        if absolute {
+            // RFC 9112 §3.2.2, RFC 9113 §8.3.1: the target's authority replaces any Host
+            // the client sent (before the rewrite, which adds a Host only if none).
+            if let Some(host) = parts
+                .uri
+                .authority()
+                .and_then(|a| recycle::host_value(a.as_str()))
+            {
+                parts.headers.insert(header::HOST, host);
             }
-            Err((Failed { error, retry }, held)) => {
-                lease = held;
-                if let Some(b) = BodyError::find(&error) {
-                    // The client's body broke off (too slow, too big): not the back
-                    // end's fault, and not to be retried.
-                    let resp = refuse(body_reject(b));
-                    backend.metrics.requests.inc(resp.status());
-                    return resp;
-                }
-                pool.passive_result(backend, false);
-                let code = error.code();
-                let retry = retry.filter(|_| tries_left > 0);
-                let timed_out = timed_out(&error);
-                tracing::warn!(pool = %pool.name(), backend = %backend.spec.name, error = %error,
-                    retrying = retry.is_some(), "forwarding failed");
-                let Some(again) = retry else {
-                    let resp = if timed_out {
-                        local(
-                            StatusCode::GATEWAY_TIMEOUT,
-                            "upstream_timeout",
-                            "The back end did not answer in time.\n",
-                        )
-                    } else {
-                        local(
-                            StatusCode::BAD_GATEWAY,
-                            code,
-                            "The back end could not answer.\n",
-                        )
-                    };
-                    backend.metrics.requests.inc(resp.status());
-                    return resp;
-                };
-                tries_left -= 1;
-                let reason = usize::from(matches!(
-                    error,
-                    UpstreamError::AfterSend { .. } | UpstreamError::Exchange { .. }
-                ));
-                pool.metrics.retries[reason].inc();
-                let failed = lease.backend_arc();
-                drop(lease);
-                match pool.acquire_retry(class, &failed).await {
-                    Ok(next) => {
-                        lease = next;
-                        req = again;
+        }
+        headers::rewrite_request(
+            &mut parts.headers,
+            call.fwd,
+            &lease.backend().spec.address_text,
+        );
+        if let Some(up) = &call.upgrade {
+            headers::keep_upgrade(&mut parts.headers, up.protocol().clone());
+        }
+        if absolute {
+            parts.uri = origin_form(&parts.uri);
+        }
+        parts.version = http::Version::HTTP_11;
+        let mut req = Request::from_parts(parts, body);
+        let pool = Arc::clone(lease.pool());
+        let mut tries_left = pool.retries();
+        loop {
+            let backend = lease.backend_arc();
+            let backend = &*backend;
+            // `facts.pool` is set only when an access line will be written.
+            let sent = facts.pool.is_some().then(Instant::now);
+            let result = backend.upstream.send(req, call.timeouts, lease).await;
+            if let Some(sent) = sent {
+                facts.backend = Some(backend.name_arc());
+                facts.upstream = Some(sent.elapsed());
+            }
+            match result {
+                Ok((resp, lease)) => {
+                    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+                        return switch(call.upgrade, resp, lease, backend);
                     }
-                    Err(shed) => {
-                        let resp = local(
-                            StatusCode::BAD_GATEWAY,
-                            code,
-                            "The back end could not answer.\n",
-                        );
-                        tracing::warn!(pool = %pool.name(), reason = shed.reason(), "no back end for the retry");
-                        failed.metrics.requests.inc(resp.status());
+                    pool.passive_result(backend, !resp.status().is_server_error());
+                    let (mut parts, body) = resp.into_parts();
+                    headers::rewrite_response(&mut parts.headers, backend.spec.served_by.as_ref());
+                    backend.metrics.requests.inc(parts.status);
+                    return Response::from_parts(parts, Body::upstream(body, lease));
+                }
+                Err((Failed { error, retry }, held)) => {
+                    lease = held;
+                    if let Some(b) = BodyError::find(&error) {
+                        // The client's body broke off (too slow, too big): not the back
+                        // end's fault, and not to be retried.
+                        let resp = refuse(body_reject(b));
+                        backend.metrics.requests.inc(resp.status());
                         return resp;
+                    }
+                    pool.passive_result(backend, false);
+                    let code = error.code();
+                    let retry = retry.filter(|_| tries_left > 0);
+                    let timed_out = timed_out(&error);
+                    tracing::warn!(pool = %pool.name(), backend = %backend.spec.name, error = %error,
+                        retrying = retry.is_some(), "forwarding failed");
+                    let Some(again) = retry else {
+                        let resp = if timed_out {
+                            local(
+                                StatusCode::GATEWAY_TIMEOUT,
+                                "upstream_timeout",
+                                "The back end did not answer in time.\n",
+                            )
+                        } else {
+                            local(
+                                StatusCode::BAD_GATEWAY,
+                                code,
+                                "The back end could not answer.\n",
+                            )
+                        };
+                        backend.metrics.requests.inc(resp.status());
+                        return resp;
+                    };
+                    tries_left -= 1;
+                    let reason = usize::from(matches!(
+                        error,
+                        UpstreamError::AfterSend { .. } | UpstreamError::Exchange { .. }
+                    ));
+                    pool.metrics.retries[reason].inc();
+                    let failed = lease.backend_arc();
+                    drop(lease);
+                    match pool.acquire_retry(call.class, &failed).await {
+                        Ok(next) => {
+                            lease = next;
+                            req = again;
+                        }
+                        Err(shed) => {
+                            let resp = local(
+                                StatusCode::BAD_GATEWAY,
+                                code,
+                                "The back end could not answer.\n",
+                            );
+                            tracing::warn!(pool = %pool.name(), reason = shed.reason(), "no back end for the retry");
+                            failed.metrics.requests.inc(resp.status());
+                            return resp;
+                        }
                     }
                 }
             }

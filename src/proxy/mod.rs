@@ -295,135 +295,142 @@ impl Proxy {
     }
 
     // The request's context, all borrowed from `handle`; a struct would only rename it.
-    #[allow(clippy::too_many_arguments)]
-    async fn respond(
-        &self,
-        live: &Live,
-        listener: Option<&ListenerSpec>,
+    // Not an `async fn`, for the future's size (as `handle`): this future is moved
+    // whole into `handle`'s when it is awaited.
+    #[allow(clippy::too_many_arguments, clippy::manual_async_fn)]
+    fn respond<'a>(
+        &'a self,
+        live: &'a Live,
+        listener: Option<&'a ListenerSpec>,
         mut req: Request<ReqBody>,
-        fwd: &Forwarded,
+        fwd: &'a Forwarded,
         upgrade: Option<Upgrade>,
         wire: Wire,
-        facts: &mut Facts,
-    ) -> Response<Body> {
-        if req.uri().path() == BEACON_PATH {
-            self.metrics.beacon();
-            recycle::give(std::mem::take(req.headers_mut()));
-            return beacon();
-        }
-        let host = request_host(&req);
-        match (&fwd.tls, listener) {
-            (None, Some(l)) if l.redirect_https => {
-                let resp = redirect_https(host, req.uri());
+        facts: &'a mut Facts,
+    ) -> impl std::future::Future<Output = Response<Body>> + Send + 'a {
+        async move {
+            if req.uri().path() == BEACON_PATH {
+                self.metrics.beacon();
+                recycle::give(std::mem::take(req.headers_mut()));
+                return beacon();
+            }
+            let host = request_host(&req);
+            match (&fwd.tls, listener) {
+                (None, Some(l)) if l.redirect_https => {
+                    let resp = redirect_https(host, req.uri());
+                    self.unrouted.inc(resp.status());
+                    return resp;
+                }
+                (Some(info), Some(l)) => {
+                    if let (Some(tls), Some(h)) = (&l.tls, host) {
+                        let h = strip_port(h);
+                        let for_host = certs::select(&tls.certificates, Some(h), tls.default);
+                        let for_sni =
+                            certs::select(&tls.certificates, info.sni.as_deref(), tls.default);
+                        if for_host != for_sni {
+                            let resp = local(
+                                StatusCode::MISDIRECTED_REQUEST,
+                                "misdirected_request",
+                                "This connection was opened for another site; open a new one for this host.\n",
+                            );
+                            self.unrouted.inc(resp.status());
+                            return resp;
+                        }
+                    }
+                }
+                _ => {}
+            }
+            if let Some(edge) = &live.snapshots {
+                let target = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
+                if let Some(hit) = edge.serve(req.method(), host, target, req.headers()).await {
+                    match live.pools.iter().find(|p| *p.name() == *hit.pool) {
+                        Some(pool) => pool.metrics.local.inc(hit.response.status()),
+                        None => self.unrouted.inc(hit.response.status()),
+                    }
+                    recycle::give(std::mem::take(req.headers_mut()));
+                    return hit.response;
+                }
+            }
+            let Some(matched) = live.router.route(host, req.uri().path()) else {
+                let resp = local(
+                    StatusCode::NOT_FOUND,
+                    "no_route",
+                    "No route for this host and path.\n",
+                );
                 self.unrouted.inc(resp.status());
                 return resp;
+            };
+            let class = matched.class.unwrap_or_else(|| class_of(req.method()));
+            let pool = &live.pools[matched.pool];
+            if live.access_log.is_some() {
+                facts.pool = Some(pool.name_arc());
             }
-            (Some(info), Some(l)) => {
-                if let (Some(tls), Some(h)) = (&l.tls, host) {
-                    let h = strip_port(h);
-                    let for_host = certs::select(&tls.certificates, Some(h), tls.default);
-                    let for_sni =
-                        certs::select(&tls.certificates, info.sni.as_deref(), tls.default);
-                    if for_host != for_sni {
-                        let resp = local(
-                            StatusCode::MISDIRECTED_REQUEST,
-                            "misdirected_request",
-                            "This connection was opened for another site; open a new one for this host.\n",
-                        );
-                        self.unrouted.inc(resp.status());
+            let start = Instant::now();
+            let (parts, incoming) = req.into_parts();
+            let incoming = match incoming {
+                ReqBody::Hyper(incoming) if !http_body::Body::is_end_stream(&incoming) => {
+                    Some(incoming)
+                }
+                _ => None,
+            };
+            let (acquired, body) = if let Some(incoming) = incoming {
+                let limits = &live.snapshot.limits;
+                let incoming =
+                    ClientBody::new(incoming, limits.body_timeout, limits.max_body_bytes);
+                match acquire_watching_body(pool, class, incoming).await {
+                    Ok(done) => done,
+                    Err(e) => {
+                        let resp = match BodyError::find(&e) {
+                            Some(b) => refuse(body_reject(b)),
+                            // The client went away while queued: it left the queue;
+                            // nobody is there to read an answer.
+                            None => {
+                                local(StatusCode::BAD_REQUEST, "client_closed", "Client closed.\n")
+                            }
+                        };
+                        pool.metrics.local.inc(resp.status());
                         return resp;
                     }
                 }
+            } else {
+                (pool.acquire(class).await, Body::Empty)
+            };
+            if live.access_log.is_some() {
+                facts.queue = Some(start.elapsed());
             }
-            _ => {}
-        }
-        if let Some(edge) = &live.snapshots {
-            let target = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
-            if let Some(hit) = edge.serve(req.method(), host, target, req.headers()).await {
-                match live.pools.iter().find(|p| *p.name() == *hit.pool) {
-                    Some(pool) => pool.metrics.local.inc(hit.response.status()),
-                    None => self.unrouted.inc(hit.response.status()),
-                }
-                recycle::give(std::mem::take(req.headers_mut()));
-                return hit.response;
-            }
-        }
-        let Some(matched) = live.router.route(host, req.uri().path()) else {
-            let resp = local(
-                StatusCode::NOT_FOUND,
-                "no_route",
-                "No route for this host and path.\n",
-            );
-            self.unrouted.inc(resp.status());
-            return resp;
-        };
-        let class = matched.class.unwrap_or_else(|| class_of(req.method()));
-        let pool = &live.pools[matched.pool];
-        if live.access_log.is_some() {
-            facts.pool = Some(pool.name_arc());
-        }
-        let start = Instant::now();
-        let (parts, incoming) = req.into_parts();
-        let incoming = match incoming {
-            ReqBody::Hyper(incoming) if !http_body::Body::is_end_stream(&incoming) => {
-                Some(incoming)
-            }
-            _ => None,
-        };
-        let (acquired, body) = if let Some(incoming) = incoming {
-            let limits = &live.snapshot.limits;
-            let incoming = ClientBody::new(incoming, limits.body_timeout, limits.max_body_bytes);
-            match acquire_watching_body(pool, class, incoming).await {
-                Ok(done) => done,
-                Err(e) => {
-                    let resp = match BodyError::find(&e) {
-                        Some(b) => refuse(body_reject(b)),
-                        // The client went away while queued: it left the queue;
-                        // nobody is there to read an answer.
-                        None => local(StatusCode::BAD_REQUEST, "client_closed", "Client closed.\n"),
+            let resp = match acquired {
+                Ok(lease) => {
+                    let timeouts = UpstreamTimeouts::from_limits(&live.snapshot.limits);
+                    let call = Call {
+                        fwd,
+                        class,
+                        timeouts,
+                        upgrade,
                     };
-                    pool.metrics.local.inc(resp.status());
-                    return resp;
+                    forward(parts, body, lease, call, facts).await
                 }
-            }
-        } else {
-            (pool.acquire(class).await, Body::Empty)
-        };
-        if live.access_log.is_some() {
-            facts.queue = Some(start.elapsed());
+                Err(shed) => {
+                    facts.shed = Some(shed.reason());
+                    let unread = !http_body::Body::is_end_stream(&body);
+                    let Some(resp) = self.shed_answer(
+                        live,
+                        pool,
+                        class,
+                        shed,
+                        &parts.uri,
+                        parts.headers,
+                        unread,
+                        wire,
+                        fwd,
+                    ) else {
+                        return favicon(pool, shed);
+                    };
+                    resp
+                }
+            };
+            pool.metrics.duration.observe(start.elapsed().as_secs_f64());
+            resp
         }
-        let resp = match acquired {
-            Ok(lease) => {
-                let timeouts = UpstreamTimeouts::from_limits(&live.snapshot.limits);
-                let call = Call {
-                    fwd,
-                    class,
-                    timeouts,
-                    upgrade,
-                };
-                forward(parts, body, lease, call, facts).await
-            }
-            Err(shed) => {
-                facts.shed = Some(shed.reason());
-                let unread = !http_body::Body::is_end_stream(&body);
-                let Some(resp) = self.shed_answer(
-                    live,
-                    pool,
-                    class,
-                    shed,
-                    &parts.uri,
-                    parts.headers,
-                    unread,
-                    wire,
-                    fwd,
-                ) else {
-                    return favicon(pool, shed);
-                };
-                resp
-            }
-        };
-        pool.metrics.duration.observe(start.elapsed().as_secs_f64());
-        resp
     }
 }
 
