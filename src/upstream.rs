@@ -593,90 +593,96 @@ impl<H: Send + 'static> Drop for RawGuard<'_, H> {
 }
 
 impl Upstream {
-    /// The fast path of [`Upstream::send`]: same contract.
-    async fn send_raw<H: Send + 'static>(
-        self: &Arc<Self>,
+    /// The fast path of [`Upstream::send`]: same contract. Not an `async fn`, for
+    /// the future's size: the block uses its arguments where it captured them (an
+    /// `async fn` keeps a second copy of the request in its future), and this future
+    /// is moved whole into the caller's when it is awaited.
+    #[allow(clippy::manual_async_fn)]
+    fn send_raw<'a, H: Send + 'static>(
+        self: &'a Arc<Self>,
         mut req: Request<Body>,
         timeouts: UpstreamTimeouts,
         hold: H,
-    ) -> Result<(Response<UpBody>, H), (Failed, H)> {
-        let replayable = matches!(
-            *req.method(),
-            hyper::Method::GET | hyper::Method::HEAD | hyper::Method::OPTIONS
-        );
-        let mut guard = RawGuard {
-            upstream: self,
-            conn: None,
-            hold: Some(hold),
-            sent: false,
-            head_request: req.method() == hyper::Method::HEAD,
-        };
-        let mut fresh_only = false;
-        loop {
-            let idle = if fresh_only { None } else { self.pop_raw() };
-            let reused = idle.is_some();
-            let mut conn = match idle {
-                Some(c) => c,
-                // Boxed: dialing is rare next to reuse (see `send`).
-                None => match Box::pin(self.connect_raw(timeouts.connect)).await {
-                    Ok(c) => c,
-                    // Nothing was sent: the request itself may go elsewhere.
-                    Err(error) => {
+    ) -> impl Future<Output = Result<(Response<UpBody>, H), (Failed, H)>> + Send + 'a {
+        async move {
+            let replayable = matches!(
+                *req.method(),
+                hyper::Method::GET | hyper::Method::HEAD | hyper::Method::OPTIONS
+            );
+            let mut guard = RawGuard {
+                upstream: self,
+                conn: None,
+                hold: Some(hold),
+                sent: false,
+                head_request: req.method() == hyper::Method::HEAD,
+            };
+            let mut fresh_only = false;
+            loop {
+                let idle = if fresh_only { None } else { self.pop_raw() };
+                let reused = idle.is_some();
+                let mut conn = match idle {
+                    Some(c) => c,
+                    // Boxed: dialing is rare next to reuse (see `send`).
+                    None => match Box::pin(self.connect_raw(timeouts.connect)).await {
+                        Ok(c) => c,
+                        // Nothing was sent: the request itself may go elsewhere.
+                        Err(error) => {
+                            let hold = guard.take_hold();
+                            return Err((
+                                Failed {
+                                    error,
+                                    retry: Some(req),
+                                },
+                                hold,
+                            ));
+                        }
+                    },
+                };
+                conn.activity().begin(timeouts);
+                conn.encode(&req);
+                guard.conn = Some(conn);
+                let result = guard.exchange().await;
+                let conn = guard.conn.take();
+                match result {
+                    Ok(head) => {
+                        let Some(conn) = conn else {
+                            unreachable!("only the guard's drop takes the connection")
+                        };
+                        let resp = head.into_response(conn, Arc::clone(self));
                         let hold = guard.take_hold();
+                        // The request left whole: its header map serves a next one.
+                        crate::recycle::give(std::mem::take(req.headers_mut()));
+                        return Ok((resp.map(UpBody::Raw), hold));
+                    }
+                    Err(source) => {
+                        drop(conn);
+                        let unsent = !guard.sent;
+                        // A kept-alive connection the back end closed as we reused it (its
+                        // keep-alive timeout): once more on a fresh connection, if the
+                        // request did not leave or is safe to send twice.
+                        let stale = reused
+                            && (unsent || matches!(source, ExchangeError::ClosedBeforeAnswer));
+                        if stale && (unsent || replayable) && !fresh_only {
+                            tracing::debug!(addr = %self.addr, "stale keep-alive connection; resending on a fresh one");
+                            fresh_only = true;
+                            continue;
+                        }
+                        let hold = guard.take_hold();
+                        // A `101` nobody asked for is the back end's fault, not the
+                        // connection's: not sent elsewhere.
+                        let switched = matches!(source, ExchangeError::UnaskedSwitch);
+                        let retry = ((unsent || replayable) && !switched).then_some(req);
                         return Err((
                             Failed {
-                                error,
-                                retry: Some(req),
+                                error: UpstreamError::Exchange {
+                                    addr: self.addr,
+                                    source,
+                                },
+                                retry,
                             },
                             hold,
                         ));
                     }
-                },
-            };
-            conn.activity().begin(timeouts);
-            conn.encode(&req);
-            guard.conn = Some(conn);
-            let result = guard.exchange().await;
-            let conn = guard.conn.take();
-            match result {
-                Ok(head) => {
-                    let Some(conn) = conn else {
-                        unreachable!("only the guard's drop takes the connection")
-                    };
-                    let resp = head.into_response(conn, Arc::clone(self));
-                    let hold = guard.take_hold();
-                    // The request left whole: its header map serves a next one.
-                    crate::recycle::give(std::mem::take(req.headers_mut()));
-                    return Ok((resp.map(UpBody::Raw), hold));
-                }
-                Err(source) => {
-                    drop(conn);
-                    let unsent = !guard.sent;
-                    // A kept-alive connection the back end closed as we reused it (its
-                    // keep-alive timeout): once more on a fresh connection, if the
-                    // request did not leave or is safe to send twice.
-                    let stale =
-                        reused && (unsent || matches!(source, ExchangeError::ClosedBeforeAnswer));
-                    if stale && (unsent || replayable) && !fresh_only {
-                        tracing::debug!(addr = %self.addr, "stale keep-alive connection; resending on a fresh one");
-                        fresh_only = true;
-                        continue;
-                    }
-                    let hold = guard.take_hold();
-                    // A `101` nobody asked for is the back end's fault, not the
-                    // connection's: not sent elsewhere.
-                    let switched = matches!(source, ExchangeError::UnaskedSwitch);
-                    let retry = ((unsent || replayable) && !switched).then_some(req);
-                    return Err((
-                        Failed {
-                            error: UpstreamError::Exchange {
-                                addr: self.addr,
-                                source,
-                            },
-                            retry,
-                        },
-                        hold,
-                    ));
                 }
             }
         }
