@@ -5,7 +5,7 @@
 #
 #   benches/load.sh [SCENARIO...]        default: maint proxy tls-maint tls-proxy
 #   DUR=5 ROUNDS=1 CONCS=64 benches/load.sh proxy      # a quick look
-#   SCHEDULING=fair benches/load.sh maint               # launchday with `scheduling = "fair"`
+#   SCHEDULING=throughput benches/load.sh maint         # launchday with `scheduling = "throughput"`
 #   BUSY_POLL=100us benches/load.sh tls-maint           # launchday with `busy_poll = "100us"`
 #
 # Needs Debian's nginx haproxy wrk nghttp2-client (installed here when missing).

@@ -126,7 +126,7 @@ where
     // The listener's stop, read per answer.
     let mut stopping = Stopping::new(stop.clone());
     // Whether this connection's last answer waited (a back end's answer, a queue):
-    // its next one is not boxed under fair scheduling ([`Answer::new`]).
+    // its next request skips the maintenance shortcut ([`begin`]).
     let mut waited = false;
     // A request for the handler, or an answer that is not a prebuilt page: kept
     // apart from `Ready` so that a page's way never moves them ([`begin`]).
@@ -253,7 +253,7 @@ where
                 let Some((req, verdict, head)) = held.request.take() else {
                     return Err(unheld());
                 };
-                let answer = Answer::new(proxy.handle(req, fwd, verdict, Wire::Own), waited);
+                let answer = proxy.handle(req, fwd, verdict, Wire::Own);
                 tokio::pin!(answer);
                 let mut polls = 0u32;
                 let resp = loop {
@@ -421,45 +421,6 @@ where
         }
         read
     })
-}
-
-pin_project_lite::pin_project! {
-    /// The handler's future: in the connection's task, or under fair scheduling in
-    /// an allocation of its own, which is warm (the block the previous answer freed)
-    /// where the connection's task is cold by its next turn
-    /// ([`crate::sched::boxes_answers`]). Only an answer ready at once gains from
-    /// that: one that waits (a back end's answer) is cold by its next poll wherever
-    /// it lives, and with hundreds of them in flight the allocator's large blocks
-    /// are cold too. So a connection whose last answer waited keeps the next one
-    /// inline.
-    #[project = AnswerProj]
-    enum Answer<F> {
-        Inline { #[pin] fut: F },
-        Boxed { fut: Pin<Box<F>> },
-    }
-}
-
-impl<F: Future> Answer<F> {
-    /// `waited`: whether the connection's previous answer did not finish on its
-    /// first poll.
-    fn new(fut: F, waited: bool) -> Self {
-        if !waited && crate::sched::boxes_answers() {
-            Answer::Boxed { fut: Box::pin(fut) }
-        } else {
-            Answer::Inline { fut }
-        }
-    }
-}
-
-impl<F: Future> Future for Answer<F> {
-    type Output = F::Output;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<F::Output> {
-        match self.project() {
-            AnswerProj::Inline { fut } => fut.poll(cx),
-            AnswerProj::Boxed { fut } => fut.as_mut().poll(cx),
-        }
-    }
 }
 
 // Returned once per request and moved straight into the service: boxing the big
@@ -887,53 +848,6 @@ fn date(out: &mut Vec<u8>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// Under fair scheduling an answer gets its own allocation unless the
-    /// connection's previous answer waited (a proxied request): then it stays in
-    /// the task. The default policy never boxes.
-    #[test]
-    fn only_answers_after_an_immediate_one_are_boxed_under_fair_scheduling() {
-        let boxed = |waited| matches!(Answer::new(async {}, waited), Answer::Boxed { .. });
-        let rt =
-            crate::sched::runtime(1, crate::sched::Scheduling::Fair, std::time::Duration::ZERO)
-                .expect("fair runtime");
-        assert!(boxed(false), "an answer after an immediate one");
-        assert!(!boxed(true), "an answer after one that waited");
-        drop(rt);
-        let rt = crate::sched::runtime(
-            1,
-            crate::sched::Scheduling::Throughput,
-            std::time::Duration::ZERO,
-        )
-        .expect("default runtime");
-        assert!(!boxed(false) && !boxed(true));
-        drop(rt);
-    }
-
-    /// Both homes of the handler's future run it to the same end, including across
-    /// a pending poll (the future is not moved once pinned, boxed or not).
-    #[tokio::test]
-    async fn answer_inline_and_boxed_run_the_same_future() {
-        for boxed in [false, true] {
-            let (tx, rx) = tokio::sync::oneshot::channel::<u32>();
-            let fut = async move { rx.await.map(|n| n * 2) };
-            let answer = if boxed {
-                Answer::Boxed { fut: Box::pin(fut) }
-            } else {
-                Answer::Inline { fut }
-            };
-            tokio::pin!(answer);
-            // Polled once (a zero timeout polls first): still waiting.
-            assert!(
-                tokio::time::timeout(std::time::Duration::ZERO, answer.as_mut())
-                    .await
-                    .is_err(),
-                "boxed={boxed}"
-            );
-            tx.send(21).expect("send");
-            assert_eq!(answer.await.ok(), Some(42), "boxed={boxed}");
-        }
-    }
 
     fn parsed(bytes: &[u8]) -> (Parsed, BytesMut) {
         let mut buf = BytesMut::from(bytes);

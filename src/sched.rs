@@ -2,22 +2,23 @@
 //! takes turns between connections when more of them are ready than it can serve at
 //! once.
 //!
-//! - [`Scheduling::Throughput`] (the default) is tokio's own multi-thread scheduler
-//!   as shipped: a worker looks for I/O every 61 tasks and puts what became ready in
-//!   its local queue (256 places) or, when that is full, in a global queue that it
-//!   looks at only now and then. Past ~256 ready connections per worker, the ones in
-//!   the global queue wait; at 1000 busy keep-alive connections on one core the p99
-//!   is ~150 ms against nginx's ~8 ms, while the median and the throughput are the
-//!   best launchday reaches (the served connections' state stays in cache).
-//! - [`Scheduling::Fair`] looks for I/O only once every ready task has had its turn
-//!   ([`FAIR_EVENT_INTERVAL`] tasks at most), so that, as in nginx's event loop,
-//!   every connection is served once per round: the p99 at 1000 connections drops to
-//!   ~11 ms, and each answer costs more CPU because each connection's state is cold
-//!   by its next turn. To keep that cost down, a fair runtime also builds each
-//!   answer's handler future in a fresh allocation (warm: the allocator hands back
-//!   the block the previous answer freed) instead of in the connection's long-lived,
-//!   cold task: [`boxes_answers`] (not after an answer that waited on a back end:
-//!   `h1_server`'s `Answer`). Figures: BENCHMARKS.md, "Scheduling".
+//! - [`Scheduling::Fair`] (the default) looks for I/O only once every ready task
+//!   has had its turn ([`FAIR_EVENT_INTERVAL`] tasks at most), so that, as in
+//!   nginx's and HAProxy's event loops, every connection is served once per round:
+//!   at 1000 busy keep-alive connections on one core the p99 is of nginx's order
+//!   (proxied ~70 ms, nginx's ~72). Each answer costs a little more CPU where the
+//!   connections outnumber the cache, because each connection's state is cold by
+//!   its next turn: nothing measurable at 64 and 256 connections, none proxied at
+//!   1000, ~6 % on the maintenance page at 1000 (BENCHMARKS.md, "Fourteenth
+//!   session").
+//! - [`Scheduling::Throughput`] is tokio's own multi-thread scheduler as shipped: a
+//!   worker looks for I/O every 61 tasks and puts what became ready in its local
+//!   queue (256 places) or, when that is full, in a global queue that it looks at
+//!   only now and then. Past ~256 ready connections per worker, the ones in the
+//!   global queue wait: at 1000 busy connections the p99 is 150–280 ms, while
+//!   the median is the lowest launchday reaches (the served connections' state
+//!   stays in cache). It was the default until the fourteenth session, when the
+//!   fair policy's cost on the proxied path had gone (README, "Runtime").
 //!
 //! Busy polling (config `busy_poll`, off by default, as HAProxy's `busy-polling`):
 //! a worker that runs out of work keeps looking for I/O without sleeping, for up to
@@ -57,10 +58,10 @@ pub const FAIR_EVENT_INTERVAL: u32 = 4096;
 /// Config `scheduling`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum Scheduling {
-    /// tokio's default: most throughput, unfair past ~256 ready connections a worker.
-    #[default]
+    /// tokio's default: a lower median, unfair past ~256 ready connections a worker.
     Throughput,
-    /// Every ready connection served once per round; less throughput at saturation.
+    /// Every ready connection served once per round (the default): a bounded tail.
+    #[default]
     Fair,
 }
 
@@ -76,16 +77,6 @@ impl Scheduling {
             _ => None,
         }
     }
-}
-
-/// Set by [`runtime`] when it builds a fair runtime; read per request.
-static BOX_ANSWERS: AtomicBool = AtomicBool::new(false);
-
-/// Whether answers' handler futures get their own (warm) allocation: only under
-/// [`Scheduling::Fair`], where it saves ~0.8 µs of cache misses per answer at 1000
-/// connections; under the default policy it would only be an allocation more.
-pub fn boxes_answers() -> bool {
-    BOX_ANSWERS.load(Ordering::Relaxed)
 }
 
 /// Largest `busy_poll` the config accepts: past a few hundred microseconds a spin
@@ -242,7 +233,6 @@ pub fn runtime(
     scheduling: Scheduling,
     busy_poll: Duration,
 ) -> std::io::Result<tokio::runtime::Runtime> {
-    BOX_ANSWERS.store(scheduling == Scheduling::Fair, Ordering::Relaxed);
     BUSY_POLLING.store(!busy_poll.is_zero(), Ordering::Relaxed);
     let rt = builder(threads, scheduling, busy_poll).build()?;
     if !busy_poll.is_zero() {
@@ -272,17 +262,16 @@ mod tests {
     }
 
     #[test]
-    fn only_a_fair_runtime_boxes_answers() {
-        let rt = runtime(1, Scheduling::Fair, Duration::ZERO).expect("fair runtime");
-        assert!(boxes_answers());
-        assert_eq!(
-            rt.block_on(async { tokio::spawn(async { 7 }).await }).ok(),
-            Some(7)
-        );
-        drop(rt);
-        let rt = runtime(1, Scheduling::Throughput, Duration::ZERO).expect("default runtime");
-        assert!(!boxes_answers());
-        drop(rt);
+    fn the_default_is_fair_and_both_policies_build_a_runtime() {
+        assert_eq!(Scheduling::default(), Scheduling::Fair);
+        for policy in [Scheduling::Fair, Scheduling::Throughput] {
+            let rt = runtime(1, policy, Duration::ZERO).expect("runtime");
+            assert_eq!(
+                rt.block_on(async { tokio::spawn(async { 7 }).await }).ok(),
+                Some(7),
+                "{policy:?}"
+            );
+        }
     }
 
     /// CPU time (user + system) of this whole process: nextest runs each test in

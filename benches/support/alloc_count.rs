@@ -160,11 +160,13 @@ pub fn every_path(
     warmup: usize,
     measured: usize,
 ) -> Vec<Count> {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    // The balancer's own runtime with the default policy, as `launchday run` builds it.
+    let rt = launchday::sched::runtime(
+        1,
+        launchday::sched::Scheduling::default(),
+        std::time::Duration::ZERO,
+    )
+    .expect("runtime");
     rt.block_on(async {
         let origin = origin().await;
         let mut out = Vec::new();

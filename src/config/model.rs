@@ -26,7 +26,7 @@ pub struct RootConfig {
     pub threads: Option<i64>,
     /// `scheduling`: `"throughput"` or `"fair"`, how the runtime takes turns between
     /// ready connections (see [`crate::sched`]); read at start only. Default
-    /// `"throughput"`.
+    /// `"fair"`.
     pub scheduling: Option<String>,
     /// `busy_poll`: how long a worker that ran out of work keeps polling for I/O
     /// before it sleeps (humantime, at most 10ms; see [`crate::sched`]); read at

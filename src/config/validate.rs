@@ -448,7 +448,7 @@ mod tests {
         assert_eq!(s.maintenance.analytics, "");
         assert_eq!(s.limits.header_timeout, Duration::from_secs(10));
         assert_eq!(s.limits.idle_timeout, Duration::from_secs(60));
-        assert_eq!(s.scheduling, Scheduling::Throughput);
+        assert_eq!(s.scheduling, Scheduling::Fair);
         assert_eq!(s.busy_poll, Duration::ZERO);
     }
 
