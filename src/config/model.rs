@@ -24,7 +24,7 @@ pub struct RootConfig {
     /// `threads`: runtime worker threads, at least 1. Default
     /// `std::thread::available_parallelism()`.
     pub threads: Option<i64>,
-    /// `scheduling`: `"throughput"` or `"fair"`, how the runtime takes turns between
+    /// `scheduling`: `"fair"` or `"throughput"`, how the runtime takes turns between
     /// ready connections (see [`crate::sched`]); read at start only. Default
     /// `"fair"`.
     pub scheduling: Option<String>,

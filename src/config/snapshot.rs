@@ -24,7 +24,7 @@ pub struct Snapshot {
     pub shutdown_grace: Duration,
     /// Worker threads of the runtime (`threads`, default `available_parallelism()`).
     pub threads: usize,
-    /// The runtime's scheduling policy (`scheduling`, default throughput); only the
+    /// The runtime's scheduling policy (`scheduling`, default fair); only the
     /// value at start counts.
     pub scheduling: crate::sched::Scheduling,
     /// How long a worker out of work keeps polling for I/O before it sleeps

@@ -52,7 +52,7 @@ pub fn validate(
         Some(text) => Scheduling::parse(text).unwrap_or_else(|| {
             e.push(
                 ConfigError::new("scheduling", format!("unknown policy {text:?}"))
-                    .with_hint("use \"throughput\" (the default) or \"fair\""),
+                    .with_hint("use \"fair\" (the default) or \"throughput\""),
             );
             Scheduling::default()
         }),
@@ -474,7 +474,7 @@ mod tests {
             [
                 "shutdown_grace: \"soon\" is not a duration (use e.g. \"2s\", \"500ms\")",
                 "threads: 0 is less than 1",
-                "scheduling: unknown policy \"fifo\" (use \"throughput\" (the default) or \"fair\")",
+                "scheduling: unknown policy \"fifo\" (use \"fair\" (the default) or \"throughput\")",
                 "busy_poll: 20ms is more than 10ms (50us to 200us bridges a busy worker's pauses; \
                  \"0s\" turns it off)",
                 "trusted_proxies[1]: \"10.0.0.0/33\" is not an IP network (use a CIDR such as \
