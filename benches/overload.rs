@@ -97,11 +97,11 @@ fn main() {
     let capacity = n as f64 / service.as_secs_f64();
     let offered = capacity * factor as f64;
 
-    let server_rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    // The balancer's own runtime with the default scheduling, as `launchday run`
+    // builds it (one worker).
+    let server_rt =
+        launchday::sched::runtime(1, launchday::sched::Scheduling::default(), Duration::ZERO)
+            .expect("runtime");
     let lb = server_rt.block_on(async {
         let o = origin(n, service).await;
         let text = format!(
