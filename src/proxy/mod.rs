@@ -272,11 +272,7 @@ impl Proxy {
                     self.respond(&live, listener, req, fwd, upgrade, wire, &mut facts)
                         .await
                 }
-                Err(reject) => {
-                    let resp = refuse(reject);
-                    self.unrouted.inc(resp.status());
-                    resp
-                }
+                Err(reject) => self.unrouted_answer(refuse(reject)),
             };
             if fwd.tls.is_some() {
                 if let Some(hsts) = listener
@@ -317,9 +313,7 @@ impl Proxy {
             let host = request_host(&req);
             match (&fwd.tls, listener) {
                 (None, Some(l)) if l.redirect_https => {
-                    let resp = redirect_https(host, req.uri());
-                    self.unrouted.inc(resp.status());
-                    return resp;
+                    return self.unrouted_answer(redirect_https(host, req.uri()));
                 }
                 (Some(info), Some(l)) => {
                     if let (Some(tls), Some(h)) = (&l.tls, host) {
@@ -328,13 +322,11 @@ impl Proxy {
                         let for_sni =
                             certs::select(&tls.certificates, info.sni.as_deref(), tls.default);
                         if for_host != for_sni {
-                            let resp = local(
+                            return self.unrouted_answer(local(
                                 StatusCode::MISDIRECTED_REQUEST,
                                 "misdirected_request",
                                 "This connection was opened for another site; open a new one for this host.\n",
-                            );
-                            self.unrouted.inc(resp.status());
-                            return resp;
+                            ));
                         }
                     }
                 }
@@ -352,13 +344,11 @@ impl Proxy {
                 }
             }
             let Some(matched) = live.router.route(host, req.uri().path()) else {
-                let resp = local(
+                return self.unrouted_answer(local(
                     StatusCode::NOT_FOUND,
                     "no_route",
                     "No route for this host and path.\n",
-                );
-                self.unrouted.inc(resp.status());
-                return resp;
+                ));
             };
             let class = matched.class.unwrap_or_else(|| class_of(req.method()));
             let pool = &live.pools[matched.pool];
@@ -435,6 +425,12 @@ impl Proxy {
 }
 
 impl Proxy {
+    /// An answer made before any pool was chosen, counted as unrouted by its status.
+    fn unrouted_answer(&self, resp: Response<Body>) -> Response<Body> {
+        self.unrouted.inc(resp.status());
+        resp
+    }
+
     /// The maintenance page of a shed request (counted, its client counted as a
     /// visitor); `None` for a browser's favicon fetch ([`favicon`]). A request whose
     /// body was not read to its end closes the connection.
